@@ -1,0 +1,3 @@
+from sakeystate.cli import main
+
+raise SystemExit(main())

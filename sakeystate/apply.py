@@ -1,0 +1,142 @@
+"""Executes plans: observe, plan, apply; and publish.
+
+Order of a converge, chosen so that a crash at any point is repaired by the
+next run: lock; read etcd and the bundle; plan; refuse if unsafe; etcd writes
+(guarded, re-planned from a fresh read when something moved); mark a reload as
+owed; write the bundle atomically; reload; clear the mark.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sakeystate import bundle
+from sakeystate.errors import EtcdError, ReloadFailed, SakeystateError
+from sakeystate.etcd import EtcdStore, batches
+from sakeystate.keys import KeyInfo
+from sakeystate.model import Guard, Put
+from sakeystate.plan import Plan, plan, plan_publish
+from sakeystate.state import DesiredState
+
+# A guarded write that loses a race is re-planned from a fresh read this often.
+MAX_ATTEMPTS = 5
+
+
+class RefusedPlan(SakeystateError):
+    """The plan was computed but breaks a safety rule; nothing was written."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        super().__init__("refusing to converge: " + "; ".join(plan.refusals))
+
+
+def observe_and_plan(
+    desired: DesiredState, store: EtcdStore, at: datetime, allow_removals: bool = False
+) -> Plan:
+    observed = store.read(desired.etcd.prefix)
+    return plan(desired, observed, bundle.observe(desired.bundle), at, allow_removals)
+
+
+def apply_etcd(store: EtcdStore, current: Plan) -> bool:
+    """Apply the plan's etcd writes; False when a guard failed (re-plan and retry)."""
+    items = [(a.guards, a.writes) for a in current.etcd_actions]
+    return all(store.transaction(guards, writes) for guards, writes in batches(items))
+
+
+def converge(
+    desired: DesiredState,
+    store: EtcdStore,
+    at: datetime,
+    allow_removals: bool = False,
+    run_reload: bool = True,
+    after_etcd: Callable[[], None] | None = None,
+) -> Plan:
+    """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
+    config = desired.bundle
+    with bundle.locked(config, desired.etcd.timeout):
+        for _attempt in range(MAX_ATTEMPTS):
+            current = observe_and_plan(desired, store, at, allow_removals)
+            if current.refusals:
+                raise RefusedPlan(current)
+            if apply_etcd(store, current):
+                break
+        else:
+            raise EtcdError(
+                f"etcd keys under {desired.etcd.prefix} kept changing during {MAX_ATTEMPTS} "
+                "attempts; nothing more was written, run again"
+            )
+        if after_etcd is not None:
+            after_etcd()
+        reload_action = current.reload
+        if current.write_bundle:
+            if reload_action is not None and run_reload:
+                bundle.mark_reload_pending(config, reload_action.reason)
+            bundle.write(config, current.bundle_content)
+        elif any(a.op == "permissions" for a in current.actions):
+            bundle.fix_permissions(config)
+        if current.write_jwks and current.jwks_content is not None and config.jwks_path:
+            bundle.write(config, current.jwks_content, config.jwks_path)
+        if config.reload and reload_action is not None and run_reload:
+            try:
+                run_reload_command(config.reload, config.reload_timeout)
+            except ReloadFailed as exc:
+                exc.plan = current
+                raise
+        if run_reload or not config.reload:
+            bundle.clear_reload_pending(config)
+    return current
+
+
+def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
+    """Run the reload argv with a time limit; any failure raises ReloadFailed."""
+    shown = " ".join(argv)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise ReloadFailed(f"reload command {shown!r} could not start: {exc.strerror}") from None
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ReloadFailed(
+            f"reload command {shown!r} timed out after {timeout:g}s; it will be retried"
+        ) from None
+    if proc.returncode != 0:
+        tail = output.decode("utf-8", "replace").strip().splitlines()[-3:]
+        detail = f": {' / '.join(tail)}" if tail else ""
+        raise ReloadFailed(
+            f"reload command {shown!r} exited {proc.returncode}{detail}; it will be retried"
+        )
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    changed: bool
+    key: str
+    message: str
+
+
+def publish(store: EtcdStore, prefix: str, key: KeyInfo, host: str, at: datetime) -> PublishResult:
+    """Put this host's certificate under its kid; never overwrite a different key."""
+    target = prefix + key.kid
+    for _attempt in range(MAX_ATTEMPTS):
+        existing = store.get(target)
+        decision = plan_publish(target, existing, key, host, at)
+        if decision.value is None:
+            return PublishResult(False, target, decision.message)
+        guard = Guard(target, existing.mod_revision if existing else 0)
+        if store.transaction([guard], [Put(target, decision.value)]):
+            return PublishResult(True, target, decision.message)
+    raise EtcdError(f"{target} kept changing during {MAX_ATTEMPTS} attempts; run again")

@@ -1,0 +1,397 @@
+"""Argument wiring and exit codes, nothing else.
+
+Exit codes are decided here and only here. Heavy imports (gRPC, cryptography,
+jsonschema) happen inside the commands that need them, so ``--help`` and
+``validate`` stay cheap on every Puppet run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sakeystate import __version__
+from sakeystate.errors import SakeystateError, StateError
+
+if TYPE_CHECKING:
+    from sakeystate.plan import Plan
+    from sakeystate.state import DesiredState
+
+DEFAULT_STATE = "/etc/sakeystate/state.yaml"
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+# check's contract for Puppet onlyif: 0 = run the exec (drift, or the check failed), 1 = in sync.
+CHECK_DRIFT, CHECK_IN_SYNC = 0, 1
+
+
+def _at(text: str | None) -> datetime:
+    from sakeystate.keys import parse_time
+
+    if text is None:
+        from datetime import UTC
+
+        return datetime.now(UTC)
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise SakeystateError(
+            f"--at {text!r} is not RFC 3339 (e.g. 2026-11-22T10:00:00Z)"
+        ) from None
+
+
+def _load(args: argparse.Namespace) -> DesiredState:
+    from sakeystate.state import load_state
+
+    return load_state(args.state)
+
+
+def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
+    if getattr(args, "observed", None):
+        from sakeystate import bundle, snapshot
+        from sakeystate.plan import plan
+
+        observed = snapshot.load(args.observed, desired.etcd.prefix)
+        return plan(
+            desired, observed, bundle.observe(desired.bundle), _at(args.at), args.allow_removals
+        )
+    from sakeystate.apply import observe_and_plan
+    from sakeystate.etcd import EtcdStore
+
+    with EtcdStore(desired.etcd) as store:
+        return observe_and_plan(desired, store, _at(args.at), args.allow_removals)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sakeystate.state import load_state
+
+    failed = False
+    for path in args.files:
+        try:
+            desired = load_state(path)
+        except StateError as exc:
+            failed = True
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            continue
+        if not args.quiet:
+            print(
+                f"{path}: valid ({desired.cluster}: {len(desired.trusted)} trusted, "
+                f"{len(desired.revoked)} revoked)"
+            )
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sakeystate.report import render
+
+    current = _observe_plan(args, _load(args))
+    sys.stdout.write(render(current, args.format, "Plan", args.quiet))
+    if current.refusals:
+        for refusal in current.refusals:
+            print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.detailed_exitcode and current.changed:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def cmd_converge(args: argparse.Namespace) -> int:
+    from sakeystate.apply import RefusedPlan, converge
+    from sakeystate.errors import ReloadFailed
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.report import render
+
+    desired = _load(args)
+    with EtcdStore(desired.etcd) as store:
+        try:
+            applied = converge(desired, store, _at(args.at), args.allow_removals)
+        except (RefusedPlan, ReloadFailed) as exc:
+            failed_plan = getattr(exc, "plan", None)
+            if failed_plan is not None and args.format != "text":
+                sys.stdout.write(
+                    render(failed_plan, args.format, "Refused", changed=False, errors=[str(exc)])
+                )
+            elif failed_plan is not None:
+                sys.stdout.write(render(failed_plan, "text", "Not applied"))
+            raise
+    sys.stdout.write(render(applied, args.format, "Converged", args.quiet))
+    if args.detailed_exitcode and applied.changed:
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        current = _observe_plan(args, _load(args))
+    except SakeystateError as exc:
+        _print_error(exc)
+        print(
+            "sakeystate: check failed; exiting 0 so that the guarded converge runs and "
+            "reports the failure",
+            file=sys.stderr,
+        )
+        return CHECK_DRIFT
+    if current.refusals:
+        for refusal in current.refusals:
+            print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
+        return CHECK_DRIFT
+    if current.changed:
+        if not args.quiet:
+            from sakeystate.report import summary
+
+            print(summary(current))
+        return CHECK_DRIFT
+    return CHECK_IN_SYNC
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import socket
+
+    from sakeystate.apply import publish
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.keys import MAX_VALUE_BYTES, parse_key_pem
+
+    desired = _load(args)
+    try:
+        with open(args.cert, "rb") as handle:
+            pem = handle.read(MAX_VALUE_BYTES + 1)
+    except OSError as exc:
+        raise SakeystateError(f"cannot read --cert {args.cert}: {exc.strerror}") from None
+    if len(pem) > MAX_VALUE_BYTES:
+        raise SakeystateError(f"--cert {args.cert} is larger than {MAX_VALUE_BYTES} bytes")
+    try:
+        key = parse_key_pem(pem)
+    except SakeystateError as exc:
+        raise SakeystateError(f"--cert {args.cert}: {exc}") from None
+    host = args.host or socket.getfqdn()
+    with EtcdStore(desired.etcd) as store:
+        result = publish(store, desired.etcd.prefix, key, host, _at(args.at))
+    if not args.quiet or result.changed:
+        print(result.message)
+    return EXIT_CHANGES if args.detailed_exitcode and result.changed else EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from sakeystate import snapshot
+    from sakeystate.etcd import EtcdStore
+
+    desired = _load(args)
+    with EtcdStore(desired.etcd) as store:
+        observed = store.read(desired.etcd.prefix)
+    sys.stdout.write(snapshot.to_json(observed, desired.cluster, _at(args.at)))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sakeystate.report import render_inspect
+
+    current = _observe_plan(args, _load(args))
+    sys.stdout.write(render_inspect(current, args.format))
+    return EXIT_OK
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from sakeystate import adopt
+
+    result = adopt.run(
+        adopt.Options(
+            at=_at(args.at),
+            cluster=args.cluster,
+            state=args.state,
+            endpoints=tuple(args.endpoint),
+            prefix=args.prefix,
+            timeout=args.timeout,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            username=args.username,
+            password_file=args.password_file,
+            bundle_path=args.bundle_path,
+            from_bundle=args.from_bundle,
+            read_etcd=not args.no_etcd,
+            output=args.output,
+            force=args.force,
+        )
+    )
+    for warning in result.warnings:
+        print(f"sakeystate: warning: {warning}", file=sys.stderr)
+    if args.output == "-":
+        sys.stdout.write(result.text)
+    else:
+        trusted = sum(1 for k in result.keys if k.trusted)
+        bundled = (
+            "" if args.no_etcd else f", {len(result.bundled_after)} of them bundled by converge"
+        )
+        print(f"wrote {args.output}: {trusted} trusted key(s){bundled}; review it, then run plan")
+    return EXIT_OK
+
+
+def cmd_verify_token(args: argparse.Namespace) -> int:
+    from sakeystate import tokens
+
+    result = tokens.verify_token(args.token, _load(args), _at(args.at), args.observed)
+    sys.stdout.write(tokens.render(result, args.format))
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _print_error(exc: SakeystateError) -> None:
+    if isinstance(exc, StateError):
+        for problem in exc.problems:
+            print(f"sakeystate: error: {problem}", file=sys.stderr)
+    else:
+        print(f"sakeystate: error: {exc}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sakeystate",
+        description="Converge kube-apiserver service-account key bundles "
+        "from a reviewed state file.",
+    )
+    parser.add_argument("--version", action="version", version=f"sakeystate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, formats: tuple[str, ...] = ("text", "json")) -> None:
+        p.add_argument(
+            "--state",
+            default=DEFAULT_STATE,
+            metavar="FILE",
+            help=f"desired-state YAML file (default {DEFAULT_STATE})",
+        )
+        p.add_argument("--at", metavar="RFC3339", help="evaluate time-based policy at this moment")
+        p.add_argument("--format", choices=formats, default="text")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing when unchanged")
+
+    p = sub.add_parser("validate", help="check state files (schema and semantics, no network)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show what converge would change (read-only)")
+    common(p, ("text", "json", "markdown"))
+    p.add_argument(
+        "--detailed-exitcode", action="store_true", help="exit 0 no changes, 2 changes, 1 error"
+    )
+    p.add_argument(
+        "--allow-removals",
+        action="store_true",
+        help="plan as if converge were run with --allow-removals",
+    )
+    p.add_argument(
+        "--observed",
+        metavar="SNAPSHOT",
+        help="plan offline against a `sakeystate snapshot` file instead of etcd",
+    )
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("converge", help="apply the plan to etcd and the bundle")
+    common(p)
+    p.add_argument(
+        "--detailed-exitcode", action="store_true", help="exit 0 unchanged, 2 changed, 1 error"
+    )
+    p.add_argument(
+        "--allow-removals",
+        action="store_true",
+        help="allow removing more than retention.max_removals keys from the bundle",
+    )
+    p.set_defaults(func=cmd_converge)
+
+    p = sub.add_parser(
+        "check",
+        help="for Puppet onlyif: exit 0 if converge would change "
+        "something or the check failed, 1 if in sync",
+    )
+    common(p)
+    p.set_defaults(func=cmd_check, allow_removals=False)
+
+    p = sub.add_parser("publish", help="publish this host's certificate under its kid")
+    common(p)
+    p.add_argument("--cert", required=True, metavar="FILE", help="PEM certificate (or public key)")
+    p.add_argument(
+        "--host", metavar="FQDN", help="host name for the Host header (default: this host)"
+    )
+    p.add_argument(
+        "--detailed-exitcode", action="store_true", help="exit 2 when something was written"
+    )
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("snapshot", help="export the etcd prefix (public material only) as JSON")
+    common(p, ("json",))
+    p.set_defaults(func=cmd_snapshot, allow_removals=False)
+
+    p = sub.add_parser("inspect", help="table of every key in etcd and the bundle, with its status")
+    common(p)
+    p.add_argument("--observed", metavar="SNAPSHOT", help="inspect a snapshot instead of etcd")
+    p.set_defaults(func=cmd_inspect, allow_removals=False)
+
+    p = sub.add_parser(
+        "adopt",
+        help="write a first state file from the keys in etcd and/or an existing bundle",
+    )
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="take cluster, etcd, bundle and retention from this state file",
+    )
+    p.add_argument("--cluster", metavar="NAME", help="cluster name (required without --state)")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="etcd endpoint http(s)://host:port (repeatable; required without --state)",
+    )
+    p.add_argument(
+        "--prefix", metavar="PREFIX", help="etcd key prefix (default /kube-apiserver-sa-certs/)"
+    )
+    p.add_argument("--timeout", metavar="DURATION", help="etcd timeout (default 5s)")
+    p.add_argument("--ca-file", metavar="FILE", help="CA bundle for https endpoints")
+    p.add_argument("--cert-file", metavar="FILE", help="etcd client certificate")
+    p.add_argument("--key-file", metavar="FILE", help="etcd client key")
+    p.add_argument("--username", metavar="NAME", help="etcd user")
+    p.add_argument("--password-file", metavar="FILE", help="file holding the etcd password")
+    p.add_argument(
+        "--from-bundle",
+        metavar="FILE",
+        help="trust exactly the keys of this bundle (the one the old watcher wrote)",
+    )
+    p.add_argument(
+        "--bundle-path",
+        metavar="PATH",
+        help="bundle.path of the new state (default: --from-bundle, else the legacy path)",
+    )
+    p.add_argument(
+        "--no-etcd", action="store_true", help="do not read etcd (adopt from --from-bundle only)"
+    )
+    p.add_argument(
+        "-o", "--output", default="-", metavar="FILE", help="write the state here (default stdout)"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    p.add_argument("--at", metavar="RFC3339", help="evaluate certificate dates at this moment")
+    p.set_defaults(func=cmd_adopt)
+
+    p = sub.add_parser(
+        "verify-token",
+        help="check a service-account token against the bundle now and after the pending plan",
+    )
+    common(p)
+    p.add_argument(
+        "token", nargs="?", default="-", metavar="TOKEN", help="the JWT, or - for stdin (default)"
+    )
+    p.add_argument("--observed", metavar="SNAPSHOT", help="plan against a snapshot instead of etcd")
+    p.set_defaults(func=cmd_verify_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SakeystateError as exc:
+        _print_error(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("sakeystate: interrupted", file=sys.stderr)
+        return 130
+    return code

@@ -1,0 +1,284 @@
+"""The only code that talks to etcd.
+
+A run reads the whole prefix once (paginated, pinned to one revision), and
+writes only through transactions whose compares are the revisions it read.
+Each operation has one deadline, the configured timeout, shared by every
+endpoint it tries: an etcd without quorum makes a run fail within the timeout,
+not a multiple of it. Passwords are read from their file and never printed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import etcd3
+import grpc
+from etcd3 import etcdrpc
+
+from sakeystate.errors import EtcdError
+from sakeystate.model import Delete, EtcdEntry, EtcdObservation, EtcdOp, Guard, Put
+from sakeystate.state import EtcdConfig
+
+T = TypeVar("T")
+# Keys per range page. A page larger than the gRPC message limit is halved and
+# retried, so values of any size still read; a no-op check of up to this many
+# keys is exactly one range request.
+PAGE_SIZE = 2000
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# etcd's default --max-txn-ops.
+MAX_TXN_OPS = 128
+_RETRY_ON_NEXT_ENDPOINT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+    host: str
+    port: int
+    secure: bool
+
+
+def _parse_endpoint(url: str) -> _Endpoint:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+        raise EtcdError(f"etcd endpoint {url!r} is not http(s)://host:port")
+    return _Endpoint(url.rstrip("/"), parts.hostname, parts.port, parts.scheme == "https")
+
+
+class EtcdStore:
+    """A session with one etcd cluster: read the prefix, apply guarded transactions."""
+
+    def __init__(self, config: EtcdConfig, page_size: int = PAGE_SIZE) -> None:
+        self.config = config
+        self.page_size = page_size
+        self.endpoints = [_parse_endpoint(url) for url in config.endpoints]
+        self._clients: dict[str, Any] = {}
+        self._password: str | None = None
+        self.requests = 0
+        if config.username and config.password_file:
+            self._password = _read_password(config.password_file)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def __enter__(self) -> EtcdStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _client(self, endpoint: _Endpoint, timeout: float) -> Any:
+        client = self._clients.get(endpoint.url)
+        if client is None:
+            if endpoint.secure and not self.config.ca_file:
+                raise EtcdError(f"{endpoint.url}: https endpoint needs etcd.tls.ca_file")
+            try:
+                client = etcd3.client(
+                    host=endpoint.host,
+                    port=endpoint.port,
+                    ca_cert=self.config.ca_file if endpoint.secure else None,
+                    cert_key=self.config.key_file if endpoint.secure else None,
+                    cert_cert=self.config.cert_file if endpoint.secure else None,
+                    timeout=timeout,
+                    user=self.config.username if self._password is not None else None,
+                    password=self._password,
+                    grpc_options=[
+                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                        ("grpc.enable_retries", 0),
+                    ],
+                )
+            except OSError as exc:
+                raise EtcdError(
+                    f"{endpoint.url}: cannot read TLS file {exc.filename}: {exc.strerror}"
+                ) from None
+            self._clients[endpoint.url] = client
+        return client
+
+    def _call(self, what: str, operation: Callable[[Any, float], T]) -> T:
+        """Run ``operation(client, deadline)`` on the first endpoint that answers in time."""
+        deadline = time.monotonic() + self.config.timeout
+        failures: list[str] = []
+        for endpoint in self.endpoints:
+            if time.monotonic() >= deadline:
+                failures.append(f"{endpoint.url}: not tried, time was up")
+                continue
+            try:
+                client = self._client(endpoint, max(0.001, deadline - time.monotonic()))
+                return operation(client, deadline)
+            except grpc.RpcError as exc:
+                code, details = exc.code(), (exc.details() or "").strip()
+                self._drop(endpoint)
+                if code in _RETRY_ON_NEXT_ENDPOINT:
+                    label = (
+                        "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "unavailable"
+                    )
+                    failures.append(f"{endpoint.url}: {label} ({_short(details)})")
+                    continue
+                raise EtcdError(
+                    f"{what} refused by {endpoint.url}: {code.name}: {_short(details)}"
+                ) from None
+        raise EtcdError(
+            f"{what} failed within the {self.config.timeout:g}s timeout: " + "; ".join(failures)
+        )
+
+    def _drop(self, endpoint: _Endpoint) -> None:
+        client = self._clients.pop(endpoint.url, None)
+        if client is not None:
+            client.close()
+
+    def _rpc(self, client: Any, stub: str, method: str, request: Any, deadline: float) -> Any:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Expired()
+        self.requests += 1
+        call = getattr(getattr(client, stub), method)
+        # The auth token travels as plain metadata: gRPC refuses call credentials on a
+        # plain-http channel, and the token metadata works on both kinds.
+        return call(request, remaining, metadata=client.metadata)
+
+    def read(self, prefix: str) -> EtcdObservation:
+        """Every key under ``prefix`` at one revision, page by page."""
+        start_key = prefix.encode()
+        end_key = prefix_range_end(start_key)
+
+        def operation(client: Any, deadline: float) -> EtcdObservation:
+            entries: list[EtcdEntry] = []
+            revision = 0
+            start = start_key
+            limit = self.page_size
+            while True:
+                request = etcdrpc.RangeRequest(
+                    key=start, range_end=end_key, limit=limit, revision=revision
+                )
+                try:
+                    response = self._rpc(client, "kvstub", "Range", request, deadline)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+                        limit = max(1, limit // 2)
+                        continue
+                    raise
+                if revision == 0:
+                    revision = response.header.revision
+                for kv in response.kvs:
+                    entries.append(
+                        EtcdEntry(
+                            key=kv.key.decode("utf-8", "backslashreplace"),
+                            value=kv.value,
+                            mod_revision=kv.mod_revision,
+                            create_revision=kv.create_revision,
+                        )
+                    )
+                if not response.more or not response.kvs:
+                    return EtcdObservation(prefix, revision, tuple(entries))
+                start = response.kvs[-1].key + b"\0"
+
+        return self._guarded(f"reading {prefix} from etcd", operation)
+
+    def get(self, key: str) -> EtcdEntry | None:
+        def operation(client: Any, deadline: float) -> EtcdEntry | None:
+            request = etcdrpc.RangeRequest(key=key.encode())
+            response = self._rpc(client, "kvstub", "Range", request, deadline)
+            for kv in response.kvs:
+                return EtcdEntry(key, kv.value, kv.mod_revision, kv.create_revision)
+            return None
+
+        return self._guarded(f"reading {key} from etcd", operation)
+
+    def transaction(self, guards: Iterable[Guard], writes: Iterable[EtcdOp]) -> bool:
+        """Apply ``writes`` only if every guard still holds. False: something moved."""
+        compare = [
+            etcdrpc.Compare(
+                key=g.key.encode(),
+                result=etcdrpc.Compare.EQUAL,
+                target=etcdrpc.Compare.MOD,
+                mod_revision=g.mod_revision,
+            )
+            for g in guards
+        ]
+        success = [_request_op(op) for op in writes]
+        if len(compare) > MAX_TXN_OPS or len(success) > MAX_TXN_OPS:
+            raise EtcdError(
+                f"transaction of {len(success)} writes exceeds {MAX_TXN_OPS} operations"
+            )
+        request = etcdrpc.TxnRequest(compare=compare, success=success, failure=[])
+
+        def operation(client: Any, deadline: float) -> bool:
+            return bool(self._rpc(client, "kvstub", "Txn", request, deadline).succeeded)
+
+        return self._guarded("writing to etcd", operation)
+
+    def _guarded(self, what: str, operation: Callable[[Any, float], T]) -> T:
+        try:
+            return self._call(what, operation)
+        except _Expired:
+            raise EtcdError(
+                f"{what}: no answer within the {self.config.timeout:g}s timeout"
+            ) from None
+
+
+class _Expired(Exception):
+    pass
+
+
+def _request_op(op: EtcdOp) -> Any:
+    if isinstance(op, Put):
+        return etcdrpc.RequestOp(
+            request_put=etcdrpc.PutRequest(key=op.key.encode(), value=op.value)
+        )
+    assert isinstance(op, Delete)
+    return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key.encode()))
+
+
+def batches(
+    items: list[tuple[tuple[Guard, ...], tuple[EtcdOp, ...]]],
+) -> list[tuple[list[Guard], list[EtcdOp]]]:
+    """Pack guarded writes into transactions within etcd's operation limit."""
+    out: list[tuple[list[Guard], list[EtcdOp]]] = []
+    guards: list[Guard] = []
+    writes: list[EtcdOp] = []
+    for item_guards, item_writes in items:
+        if guards and (
+            len(guards) + len(item_guards) > MAX_TXN_OPS
+            or len(writes) + len(item_writes) > MAX_TXN_OPS
+        ):
+            out.append((guards, writes))
+            guards, writes = [], []
+        guards += item_guards
+        writes += item_writes
+    if guards or writes:
+        out.append((guards, writes))
+    return out
+
+
+def _read_password(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.read().rstrip("\r\n")
+    except OSError as exc:
+        raise EtcdError(f"cannot read etcd.auth.password_file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise EtcdError(f"etcd.auth.password_file {path} is not UTF-8 text") from None
+    if not password:
+        raise EtcdError(f"etcd.auth.password_file {path} is empty")
+    return password
+
+
+def _short(details: str) -> str:
+    return details.splitlines()[0][:200] if details else "no details"

@@ -1,0 +1,244 @@
+"""Key identity and acceptance: PEM parsing, the kid, accepted key types.
+
+Pure: bytes in, values out. The kid is exactly what kube-apiserver puts in the
+``kid`` header of the tokens it signs: base64url (no padding) of the SHA-256 of
+the DER-encoded SubjectPublicKeyInfo.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from sakeystate.errors import KeyRejected
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+KID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_HEX_FINGERPRINT_RE = re.compile(r"^sha256:([0-9a-fA-F:]+)$")
+# An etcd value is a header and one certificate; anything this large is not that.
+MAX_VALUE_BYTES = 64 * 1024
+_PEM_BEGIN_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_BLOCK_RE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n[A-Za-z0-9+/=\r\n]*-----END \1-----\r?\n?"
+)
+_ACCEPTED_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+MIN_RSA_BITS = 2048
+HEADER_NAMES = ("Host", "Published")
+
+
+def kid_of(public_key: PublicKey) -> str:
+    """The Kubernetes kid of a public key."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A kid, or ``sha256:<64 hex>`` (colons allowed, any case), as a kid.
+
+    Raises ValueError naming what would be valid.
+    """
+    if KID_RE.match(text):
+        return text
+    match = _HEX_FINGERPRINT_RE.match(text)
+    if match:
+        hexdigits = match.group(1).replace(":", "")
+        if len(hexdigits) == 64:
+            return base64.urlsafe_b64encode(bytes.fromhex(hexdigits)).rstrip(b"=").decode("ascii")
+    raise ValueError(
+        f"{text!r} is not a fingerprint: expected a kid (43 base64url characters) "
+        "or sha256:<64 hex digits>"
+    )
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with a Z, the one time format sakeystate writes."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """RFC 3339 with an explicit offset; raises ValueError otherwise."""
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone; use RFC 3339 such as 2026-11-22T10:00:00Z")
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """An accepted public key, and its certificate's validity when it came in one."""
+
+    kid: str
+    algorithm: str
+    public_pem: bytes
+    certificate_pem: bytes | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EntryValue:
+    """A parsed etcd value: optional headers and one key."""
+
+    key: KeyInfo
+    host: str | None = None
+    published: datetime | None = None
+
+
+def _check_accepted(public_key: object) -> tuple[PublicKey, str]:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise KeyRejected(
+                f"RSA key of {public_key.key_size} bits is too short "
+                f"(kube-apiserver needs at least {MIN_RSA_BITS})"
+            )
+        return public_key, f"RSA-{public_key.key_size}"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        curve = _ACCEPTED_CURVES.get(public_key.curve.name)
+        if curve is None:
+            raise KeyRejected(
+                f"ECDSA curve {public_key.curve.name} is not accepted (use P-256, P-384 or P-521)"
+            )
+        return public_key, f"ECDSA-{curve}"
+    kind = type(public_key).__name__.replace("PublicKey", "").lstrip("_") or "unknown"
+    raise KeyRejected(
+        f"{kind} keys are not accepted (kube-apiserver verifies RSA >= 2048 bits "
+        "and ECDSA P-256/P-384/P-521)"
+    )
+
+
+def _one_pem_block(pem: bytes) -> tuple[str, bytes]:
+    labels = [m.group(1).decode("ascii") for m in _PEM_BEGIN_RE.finditer(pem)]
+    if any("PRIVATE KEY" in label for label in labels):
+        # Say what it is, never echo it: the bytes stay where they are.
+        raise KeyRejected("contains a private key; only certificates and public keys are accepted")
+    if not labels:
+        raise KeyRejected("no PEM block found (expected CERTIFICATE or PUBLIC KEY)")
+    if len(labels) > 1:
+        raise KeyRejected(f"{len(labels)} PEM blocks found; exactly one is allowed")
+    label = labels[0]
+    if label not in ("CERTIFICATE", "PUBLIC KEY"):
+        raise KeyRejected(
+            f"PEM block {label!r} is not accepted (expected CERTIFICATE or PUBLIC KEY)"
+        )
+    block = _PEM_BLOCK_RE.search(pem)
+    if block is None:
+        raise KeyRejected(f"{label} PEM block is truncated or malformed")
+    rest = (pem[: block.start()] + pem[block.end() :]).strip()
+    if rest:
+        raise KeyRejected("unexpected text around the PEM block")
+    return label, block.group(0)
+
+
+def parse_key_pem(pem: bytes) -> KeyInfo:
+    """Exactly one CERTIFICATE or PUBLIC KEY block of an accepted key type."""
+    label, block = _one_pem_block(pem)
+    try:
+        if label == "CERTIFICATE":
+            cert = x509.load_pem_x509_certificate(block)
+            public_key, algorithm = _check_accepted(cert.public_key())
+            return KeyInfo(
+                kid=kid_of(public_key),
+                algorithm=algorithm,
+                public_pem=_public_pem(public_key),
+                certificate_pem=cert.public_bytes(serialization.Encoding.PEM),
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+            )
+        public_key, algorithm = _check_accepted(serialization.load_pem_public_key(block))
+    except KeyRejected:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise KeyRejected(f"{label} cannot be parsed: {exc}") from None
+    return KeyInfo(kid=kid_of(public_key), algorithm=algorithm, public_pem=_public_pem(public_key))
+
+
+def _public_pem(public_key: PublicKey) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def parse_value(data: bytes) -> EntryValue:
+    """An etcd value: ``Host:``/``Published:`` header lines, then one PEM block."""
+    if len(data) > MAX_VALUE_BYTES:
+        raise KeyRejected(f"value is {len(data)} bytes, over the {MAX_VALUE_BYTES}-byte limit")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyRejected("value is not UTF-8 text") from None
+    start = text.find("-----BEGIN")
+    if start < 0:
+        if "PRIVATE KEY" in text:
+            raise KeyRejected(
+                "contains a private key; only certificates and public keys are accepted"
+            )
+        raise KeyRejected("no PEM block found (expected CERTIFICATE or PUBLIC KEY)")
+    headers: dict[str, str] = {}
+    for line in text[:start].splitlines():
+        if not line.strip():
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or name not in HEADER_NAMES:
+            raise KeyRejected(f"unexpected header line {line[:60]!r} (allowed: Host, Published)")
+        if name in headers:
+            raise KeyRejected(f"header {name} appears twice")
+        headers[name] = value.strip()
+    published = None
+    if "Published" in headers:
+        try:
+            published = parse_time(headers["Published"])
+        except ValueError:
+            raise KeyRejected(
+                f"Published header {headers['Published'][:40]!r} is not RFC 3339"
+            ) from None
+    key = parse_key_pem(text[start:].encode("utf-8"))
+    return EntryValue(key=key, host=headers.get("Host") or None, published=published)
+
+
+def render_value(key: KeyInfo, host: str | None, published: datetime | None) -> bytes:
+    """The etcd value for a key: headers, then the certificate (or public key) PEM."""
+    lines = []
+    if host:
+        lines.append(f"Host: {host}\n")
+    if published is not None:
+        lines.append(f"Published: {format_time(published)}\n")
+    body = key.certificate_pem if key.certificate_pem is not None else key.public_pem
+    return "".join(lines).encode("ascii") + body
+
+
+def parse_pem_bundle(
+    data: bytes, known: Mapping[bytes, KeyInfo] | None = None
+) -> tuple[list[KeyInfo], list[str]]:
+    """Every key of a PEM bundle (certificates or public keys) and the problems found.
+
+    Used for the bundle on disk, which the old watcher filled with certificates
+    and sakeystate fills with public keys. ``known`` maps PEM blocks to what
+    ``parse_key_pem`` returns for them; those blocks are not parsed again.
+    """
+    keys: list[KeyInfo] = []
+    problems: list[str] = []
+    known = known or {}
+    for number, match in enumerate(_PEM_BLOCK_RE.finditer(data), start=1):
+        block = match.group(0)
+        seen = known.get(block)
+        if seen is not None:
+            keys.append(seen)
+            continue
+        try:
+            keys.append(parse_key_pem(block))
+        except KeyRejected as exc:
+            problems.append(f"block {number}: {exc}")
+    if not keys and data.strip() and not problems:
+        problems.append("no PEM block found")
+    return keys, problems

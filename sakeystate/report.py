@@ -1,0 +1,159 @@
+"""Plan -> text / json / markdown. The same Plan value feeds every renderer."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from sakeystate.keys import format_time
+from sakeystate.plan import Plan
+
+REPORT_VERSION = 1
+
+
+def as_dict(
+    plan: Plan, changed: bool | None = None, errors: list[str] | None = None
+) -> dict[str, Any]:
+    """The contract's JSON report. ``changed`` defaults to "the plan has actions"."""
+    return {
+        "version": REPORT_VERSION,
+        "changed": plan.changed if changed is None else changed,
+        "cluster": plan.cluster,
+        "at": format_time(plan.at),
+        "actions": [a.as_dict() for a in plan.actions],
+        "bundle": {
+            "path": plan.bundle_path,
+            "kids_before": list(plan.kids_before),
+            "kids_after": list(plan.kids_after),
+        },
+        "keys": [k.as_dict() for k in plan.keys],
+        "warnings": list(plan.warnings),
+        "errors": list(errors or plan.refusals),
+    }
+
+
+def render_json(plan: Plan, changed: bool | None = None, errors: list[str] | None = None) -> str:
+    return json.dumps(as_dict(plan, changed, errors), indent=2, sort_keys=False) + "\n"
+
+
+def summary(plan: Plan) -> str:
+    counts = Counter((a.target, a.op) for a in plan.actions)
+    parts = []
+    if counts[("bundle", "add")]:
+        parts.append(f"{counts[('bundle', 'add')]} bundle key(s) to add")
+    if counts[("bundle", "remove")]:
+        parts.append(f"{counts[('bundle', 'remove')]} to remove")
+    if counts[("bundle", "write")]:
+        parts.append("bundle rewrite")
+    if counts[("bundle", "permissions")]:
+        parts.append("bundle permissions")
+    etcd = sum(n for (target, _op), n in counts.items() if target == "etcd")
+    if etcd:
+        ops = Counter(a.op for a in plan.etcd_actions)
+        parts.append("etcd: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items())))
+    if plan.reload:
+        parts.append("reload")
+    if not parts:
+        return (
+            f"No changes: {len(plan.kids_after)} key(s) in the bundle, etcd and bundle "
+            "match the desired state."
+        )
+    return f"{'; '.join(parts)} ({len(plan.kids_before)} -> {len(plan.kids_after)} bundle keys)."
+
+
+def render_text(plan: Plan, verb: str = "Plan", quiet: bool = False) -> str:
+    if quiet and not plan.changed:
+        return ""
+    lines = []
+    for action in plan.actions:
+        subject = action.kid or ""
+        where = action.host or action.key or ""
+        lines.append(
+            f"{action.target:<6} {action.op:<11} {subject:<43} {where:<28} {action.reason}".rstrip()
+        )
+    if not quiet:
+        lines += [f"warning: {w}" for w in plan.warnings]
+    lines.append(f"{verb} for {plan.cluster} at {format_time(plan.at)}: {summary(plan)}")
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(plan: Plan) -> str:
+    out = [f"### sakeystate plan for `{plan.cluster}` at {format_time(plan.at)}", ""]
+    out.append(f"**{summary(plan)}**")
+    out.append("")
+    for refusal in plan.refusals:
+        out.append(f"> :no_entry: **Refused:** {_md(refusal)}")
+        out.append("")
+    if plan.actions:
+        out += ["| target | op | kid | host / key | reason |", "|---|---|---|---|---|"]
+        for a in plan.actions:
+            kid = f"`{a.kid}`" if a.kid else ""
+            out.append(
+                f"| {a.target} | {a.op} | {kid} | {_md(a.host or a.key or '')} | {_md(a.reason)} |"
+            )
+        out.append("")
+    if plan.warnings:
+        out.append("**Warnings**")
+        out.append("")
+        out += [f"- {_md(w)}" for w in plan.warnings]
+        out.append("")
+    out.append(
+        f"Bundle `{plan.bundle_path}`: {len(plan.kids_before)} -> {len(plan.kids_after)} keys."
+    )
+    return "\n".join(out) + "\n"
+
+
+def render(
+    plan: Plan,
+    fmt: str,
+    verb: str = "Plan",
+    quiet: bool = False,
+    changed: bool | None = None,
+    errors: list[str] | None = None,
+) -> str:
+    if fmt == "json":
+        return render_json(plan, changed, errors)
+    if fmt == "markdown":
+        return render_markdown(plan)
+    return render_text(plan, verb, quiet)
+
+
+def render_inspect(plan: Plan, fmt: str = "text") -> str:
+    if fmt == "json":
+        return (
+            json.dumps(
+                {
+                    "version": REPORT_VERSION,
+                    "cluster": plan.cluster,
+                    "at": format_time(plan.at),
+                    "keys": [k.as_dict() for k in plan.keys],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    header = ("KID", "HOST", "NOT-AFTER", "STATUS", "BUNDLE", "WHY")
+    rows = [header] + [
+        (
+            k.kid or "-",
+            k.host or "-",
+            format_time(k.not_after) if k.not_after else "-",
+            k.status,
+            "yes" if k.in_bundle else "no",
+            k.reason,
+        )
+        for k in plan.keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True))
+        + "  "
+        + r[-1]
+        + "\n"
+        for r in rows
+    )

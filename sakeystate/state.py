@@ -1,0 +1,373 @@
+"""The desired state: one YAML file, checked against the JSON Schema, then semantically.
+
+Every problem names the file, the line and the field path, and says what
+would be valid. Loading never executes YAML tags (safe loading only), refuses
+aliases (no alias bombs) and refuses files over MAX_STATE_BYTES.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sakeystate.errors import StateError
+from sakeystate.keys import normalize_fingerprint
+
+MAX_STATE_BYTES = 1024 * 1024
+SCHEMA_NAME = "sakeystate-v1.schema.json"
+_DURATION_RE = re.compile(r"^(?=\d)(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+FieldPath = tuple[str | int, ...]
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``1h30m``, ``2d``: numbers with units s/m/h/d, largest unit first."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(
+            f"{text!r} is not a duration: use a number and a unit (s, m, h, d), e.g. 24h or 1h30m"
+        )
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...]
+    prefix: str = "/kube-apiserver-sa-certs/"
+    timeout: float = 5.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    path: str
+    mode: int = 0o644
+    owner: str | None = None
+    group: str | None = None
+    exclude_host: str | None = None
+    reload: tuple[str, ...] | None = None
+    reload_timeout: float = 300.0
+    jwks_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Retention:
+    expired_grace: timedelta = timedelta(hours=24)
+    superseded_grace: timedelta = timedelta(hours=8760)
+    min_keys: int = 1
+    max_removals: int = 2
+    max_token_lifetime: timedelta = timedelta(hours=8760)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    kid: str
+    host: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """A validated state file. Fingerprints are normalized to kids."""
+
+    source: str
+    cluster: str
+    etcd: EtcdConfig
+    bundle: BundleConfig
+    trusted: Mapping[str, TrustedKey]
+    revoked: Mapping[str, str] = field(default_factory=dict)
+    retention: Retention = field(default_factory=Retention)
+
+
+class _StateLoader(yaml.SafeLoader):
+    """Safe loading that refuses aliases and duplicate keys, and remembers lines."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases are not allowed in a state file", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _walk_lines(
+    node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int], problems: list[str], src: str
+) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(
+                    f"{src}:{line}: {_dotted((*path, key))}: duplicate key "
+                    f"(first defined on line {seen[key]})"
+                )
+            seen[key] = line
+            lines[(*path, key)] = line
+            _walk_lines(value_node, (*path, key), lines, problems, src)
+            lines[(*path, key)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk_lines(item, (*path, index), lines, problems, src)
+
+
+def _dotted(path: FieldPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def schema_path() -> Path:
+    """The schema: inside the installed package, or at the top of a source checkout."""
+    packaged = Path(__file__).parent / "_schema" / SCHEMA_NAME
+    if packaged.exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "schema" / SCHEMA_NAME
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    with open(schema_path(), encoding="utf-8") as handle:
+        schema: dict[str, Any] = json.load(handle)
+    return schema
+
+
+def _line_for(path: FieldPath, lines: Mapping[FieldPath, int]) -> int:
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path, 1)
+
+
+def _schema_problems(data: Any, src: str, lines: Mapping[FieldPath, int]) -> list[str]:
+    import jsonschema  # only validation pays for it
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    problems: list[tuple[int, str]] = []
+    for error in validator.iter_errors(data):
+        path: FieldPath = tuple(error.absolute_path)
+        message = error.message
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            allowed = sorted(error.schema.get("properties", {}))
+            for extra in sorted(set(error.instance) - set(allowed)):
+                at = (*path, extra)
+                problems.append(
+                    (
+                        _line_for(at, lines),
+                        f"{_dotted(at)}: unknown field; allowed here: {', '.join(allowed)}",
+                    )
+                )
+            continue
+        if error.validator == "pattern":
+            hint = {
+                "duration": "a number and a unit (s, m, h, d), e.g. 24h or 1h30m",
+                "fingerprint": "a kid (43 base64url characters) or sha256:<64 hex digits>",
+                "fqdn": "a host name such as ctrl1001.example.org",
+                "abspath": "an absolute path",
+            }
+            ref = next((k for k in hint if _schema_is(error.schema, k)), None)
+            if ref:
+                message = f"{error.instance!r} is not valid: expected {hint[ref]}"
+        if path and path[-1] == "mode" and error.validator == "type":
+            message = f'{error.instance!r} is not a string: quote the mode, e.g. mode: "0644"'
+        problems.append((_line_for(path, lines), f"{_dotted(path)}: {message}"))
+    return [f"{src}:{line}: {text}" for line, text in sorted(problems)]
+
+
+def _schema_is(schema: Mapping[str, Any], name: str) -> bool:
+    defs = load_schema()["$defs"]
+    return name in defs and dict(schema) == defs[name]
+
+
+def _iter_fingerprints(data: Mapping[str, Any], section: str) -> Iterator[tuple[int, Any]]:
+    yield from enumerate(data.get(section) or [])
+
+
+def load_state_text(text: str, source: str) -> DesiredState:
+    """Parse and validate state file text; ``source`` names it in every error."""
+    lines: dict[FieldPath, int] = {}
+    problems: list[str] = []
+    loader = _StateLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise StateError(source, [f"{source}:1: the file is empty"])
+        _walk_lines(node, (), lines, problems, source)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise StateError(source, [f"{source}{line}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise StateError(source, [f"{source}: invalid YAML: {exc}"]) from None
+    finally:
+        loader.dispose()
+    if problems:
+        raise StateError(source, problems)
+    if not isinstance(data, dict):
+        raise StateError(
+            source, [f"{source}:1: the state must be a mapping (apiVersion, cluster, etcd, ...)"]
+        )
+    return state_from_data(data, source, lines)
+
+
+def state_from_data(
+    data: Mapping[str, Any], source: str, lines: Mapping[FieldPath, int] | None = None
+) -> DesiredState:
+    """Validate an already-parsed mapping (the Ansible module's inline ``state``)."""
+    lines = lines or {}
+    problems = _schema_problems(data, source, lines)
+    if problems:
+        raise StateError(source, problems)
+    return _build(data, source, lines)
+
+
+def load_state(path: str | Path) -> DesiredState:
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_STATE_BYTES + 1)
+    except OSError as exc:
+        raise StateError(
+            source, [f"{source}: cannot read the state file: {exc.strerror}"]
+        ) from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(
+            source,
+            [f"{source}: the file is larger than {MAX_STATE_BYTES} bytes; refusing to parse"],
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateError(source, [f"{source}: not UTF-8 text (byte {exc.start})"]) from None
+    return load_state_text(text, source)
+
+
+def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) -> DesiredState:
+    problems: list[str] = []
+
+    def where(path: FieldPath) -> str:
+        return f"{src}:{_line_for(path, lines)}: {_dotted(path)}"
+
+    def kid_at(section: str, index: int, entry: Mapping[str, Any]) -> str | None:
+        try:
+            return normalize_fingerprint(entry["fingerprint"])
+        except ValueError as exc:
+            problems.append(f"{where((section, index, 'fingerprint'))}: {exc}")
+            return None
+
+    trusted: dict[str, TrustedKey] = {}
+    first_seen: dict[str, FieldPath] = {}
+    for index, entry in _iter_fingerprints(data, "trusted"):
+        kid = kid_at("trusted", index, entry)
+        if kid is None:
+            continue
+        if kid in trusted:
+            problems.append(
+                f"{where(('trusted', index, 'fingerprint'))}: duplicate of "
+                f"{_dotted(first_seen[kid])} (kid {kid})"
+            )
+            continue
+        first_seen[kid] = ("trusted", index)
+        trusted[kid] = TrustedKey(kid=kid, host=entry.get("host"), note=entry.get("note"))
+    revoked: dict[str, str] = {}
+    for index, entry in _iter_fingerprints(data, "revoked"):
+        kid = kid_at("revoked", index, entry)
+        if kid is None:
+            continue
+        if kid in trusted:
+            problems.append(
+                f"{where(('revoked', index, 'fingerprint'))}: kid {kid} is also trusted at "
+                f"{_dotted(first_seen[kid])}; a key is either trusted or revoked"
+            )
+            continue
+        if kid in revoked:
+            problems.append(
+                f"{where(('revoked', index, 'fingerprint'))}: duplicate revoked kid {kid}"
+            )
+            continue
+        revoked[kid] = entry.get("reason") or "revoked"
+
+    etcd = data["etcd"]
+    tls = etcd.get("tls") or {}
+    auth = etcd.get("auth") or {}
+    for scheme_path in (("etcd", "endpoints", i) for i in range(len(etcd["endpoints"]))):
+        url = etcd["endpoints"][scheme_path[-1]]
+        if url.startswith("https://") and not tls.get("ca_file"):
+            problems.append(f"{where(scheme_path)}: https endpoint needs etcd.tls.ca_file")
+    bundle = data["bundle"]
+    retention = data.get("retention") or {}
+    durations: dict[FieldPath, timedelta] = {}
+    for path, value in (
+        (("etcd", "timeout"), etcd.get("timeout", "5s")),
+        (("bundle", "reload_timeout"), bundle.get("reload_timeout", "5m")),
+        (("retention", "expired_grace"), retention.get("expired_grace", "24h")),
+        (("retention", "superseded_grace"), retention.get("superseded_grace", "8760h")),
+        (("retention", "max_token_lifetime"), retention.get("max_token_lifetime", "8760h")),
+    ):
+        durations[path] = parse_duration(value)
+    for path in (("etcd", "timeout"), ("bundle", "reload_timeout")):
+        if durations[path] <= timedelta(0):
+            problems.append(f"{where(path)}: must be longer than 0s")
+    if problems:
+        raise StateError(src, problems)
+
+    return DesiredState(
+        source=src,
+        cluster=data["cluster"],
+        etcd=EtcdConfig(
+            endpoints=tuple(etcd["endpoints"]),
+            prefix=etcd.get("prefix", EtcdConfig.prefix),
+            timeout=durations[("etcd", "timeout")].total_seconds(),
+            ca_file=tls.get("ca_file"),
+            cert_file=tls.get("cert_file"),
+            key_file=tls.get("key_file"),
+            username=auth.get("username"),
+            password_file=auth.get("password_file"),
+        ),
+        bundle=BundleConfig(
+            path=bundle["path"],
+            mode=int(bundle.get("mode", "0644"), 8),
+            owner=bundle.get("owner"),
+            group=bundle.get("group"),
+            exclude_host=bundle.get("exclude_host"),
+            reload=tuple(bundle["reload"]) if bundle.get("reload") else None,
+            reload_timeout=durations[("bundle", "reload_timeout")].total_seconds(),
+            jwks_path=bundle.get("jwks_path"),
+        ),
+        trusted=trusted,
+        revoked=revoked,
+        retention=Retention(
+            expired_grace=durations[("retention", "expired_grace")],
+            superseded_grace=durations[("retention", "superseded_grace")],
+            min_keys=retention.get("min_keys", 1),
+            max_removals=retention.get("max_removals", 2),
+            max_token_lifetime=durations[("retention", "max_token_lifetime")],
+        ),
+    )
