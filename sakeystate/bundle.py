@@ -14,8 +14,10 @@ or the new version. A symlink at the bundle path is never followed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import glob
 import grp
 import os
 import pwd
@@ -204,6 +206,15 @@ def clear_reload_pending(config: BundleConfig) -> None:
     _fsync_dir(os.path.dirname(marker) or ".")
 
 
+def _remove_stale_temporaries(path: str) -> None:
+    """Temp files a killed run left behind; only the lock holder may write them."""
+    directory = os.path.dirname(path) or "."
+    for name in (os.path.basename(path), os.path.basename(path + PENDING_SUFFIX)):
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+
+
 @contextmanager
 def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
     """Hold ``<bundle>.lock`` exclusively; wait up to ``timeout`` seconds for it."""
@@ -226,6 +237,7 @@ def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
                         f"gave up after {timeout:g}s"
                     ) from None
                 time.sleep(0.05)
+        _remove_stale_temporaries(config.path)
         yield
     finally:
         os.close(fd)

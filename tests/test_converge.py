@@ -504,3 +504,18 @@ def test_console_script_and_module_entry_points(env: Env, entry: list[str]) -> N
     )
     assert proc.returncode == 2, proc.stderr
     assert run_sakeystate("check", "--state", str(env.state_path), "--at", AT).code == 1
+
+
+def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None:
+    three_planes(env)
+    stale = [
+        env.tmp / f".{env.bundle.name}.tmp-99999",
+        env.tmp / f".{env.bundle.name}.reload-pending.tmp-99998",
+    ]
+    for path in stale:
+        path.write_bytes(b"partial")
+    assert env.cli("converge", "--at", AT).code == 0
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in env.tmp.iterdir()) == sorted(
+        ["sa-certs.pem", "sa-certs.pem.lock", "state.yaml"]
+    )
