@@ -276,6 +276,18 @@ def _deletes(cand: _Candidate, reason: str, host: str | None) -> list[Action]:
     ]
 
 
+def _legacy_published(cand: _Candidate, at: datetime) -> datetime:
+    """When a legacy (FQDN-keyed) key was published: its certificate's not-before.
+
+    The old publisher wrote a certificate when it was issued and kept no date of its
+    own. Stamping the key "now" instead would make it look newer than a key its
+    host published under its kid since (after a reimage), so supersession and
+    exclude_host would take the pre-reimage key for the host's current one.
+    """
+    not_before = cand.value.key.not_before
+    return min(not_before, at) if not_before is not None else at
+
+
 def _migration(cand: _Candidate, prefix: str, at: datetime) -> Action:
     """Move a key's legacy (FQDN-keyed) copies under its kid in one guarded transaction.
 
@@ -293,7 +305,9 @@ def _migration(cand: _Candidate, prefix: str, at: datetime) -> Action:
         reason = f"legacy layout: {target} already holds this key; remove the FQDN-keyed copy"
     else:
         guards.append(Guard(target, 0))
-        writes.append(Put(target, render_value(cand.value.key, legacy_host, at)))
+        writes.append(
+            Put(target, render_value(cand.value.key, legacy_host, _legacy_published(cand, at)))
+        )
         reason = f"legacy layout: move {first.key} to {target} (Host: {legacy_host})"
     writes += [Delete(e.key) for e in cand.legacy]
     return Action(
@@ -325,6 +339,9 @@ def plan(
     candidates = _collect(desired, observed, reports, warnings)
     occupied = {e.key for e in observed.entries}
     migrating: list[_Candidate] = []
+    # Every key a host published that this plan keeps, trusted or not: the newest is the
+    # one its own apiserver signs with (exclude_host), even while it still awaits review.
+    published_by_host: dict[str, list[tuple[datetime | None, str]]] = {}
 
     live: list[tuple[_Candidate, str | None, datetime | None]] = []
     status_of: dict[str, tuple[str, str]] = {}
@@ -332,7 +349,11 @@ def plan(
         cand = candidates[kid]
         key = cand.value.key
         host = _host_of(desired, cand, prefix)
-        published = cand.value.published if cand.entry else (at if cand.legacy else None)
+        published = (
+            cand.value.published
+            if cand.entry
+            else (_legacy_published(cand, at) if cand.legacy else None)
+        )
         grace_end = key.not_after + retention.expired_grace if key.not_after else None
         if kid in desired.revoked:
             reason = f"revoked: {desired.revoked[kid]}"
@@ -349,6 +370,8 @@ def plan(
             status_of[kid] = ("expired", reason)
             drop_reason[kid] = reason
             continue
+        if host:
+            published_by_host.setdefault(host.lower(), []).append((published, kid))
         if cand.legacy and cand.entry is None and prefix + kid in occupied:
             # The kid's own name holds something else (poisoned or unparsable): moving the
             # legacy copy there would overwrite it, so leave both for a human.
@@ -399,8 +422,7 @@ def plan(
         if item[1]:
             by_host.setdefault(item[1].lower(), []).append(item)
     superseded: set[str] = set()
-    current_of_host: dict[str, str] = {}
-    for host_key, items in by_host.items():
+    for items in by_host.values():
         dated = sorted((i for i in items if i[2] is not None), key=lambda i: (i[2], i[0].kid))
         # The key that supersedes one is the first published strictly later; keys
         # published at the same moment never supersede each other.
@@ -435,15 +457,16 @@ def plan(
                     f"key {older[0].kid} ({older[1]}) will be dropped on "
                     f"{format_time(drop_at)}: superseded by {newer[0].kid}"
                 )
-        remaining = [i for i in items if i[0].kid not in superseded]
-        if remaining:
-            newest = max(remaining, key=lambda i: (i[2] is not None, i[2] or at, i[0].kid))
-            current_of_host[host_key] = newest[0].kid
 
     actions_etcd += [_migration(c, prefix, at) for c in migrating if c.kid not in superseded]
 
     exclude = desired.bundle.exclude_host
-    excluded_kid = current_of_host.get(exclude.lower()) if exclude else None
+    excluded_kid = None
+    if exclude and published_by_host.get(exclude.lower()):
+        newest = max(
+            published_by_host[exclude.lower()], key=lambda p: (p[0] is not None, p[0] or at, p[1])
+        )
+        excluded_kid = newest[1]
     bundled: list[BundledKey] = []
     for cand, host, _published in live:
         if cand.kid in superseded:

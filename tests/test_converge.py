@@ -519,3 +519,25 @@ def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None
     assert sorted(p.name for p in env.tmp.iterdir()) == sorted(
         ["sa-certs.pem", "sa-certs.pem.lock", "state.yaml"]
     )
+
+
+def test_reimaged_host_keeps_its_old_key_in_its_own_bundle_while_new_key_awaits_review(
+    env: Env,
+) -> None:
+    """exclude_host drops the host's newest *published* key, not its newest trusted one."""
+    old = env.publish(private_key("ec521", 0), A, published=T0 - timedelta(days=30))
+    other = env.publish(private_key("ec521", 2), B)
+    env.state([(old, A), (other, B)], bundle={"exclude_host": A})
+    assert env.cli("converge", "--at", AT).code == 0
+    assert bundle_kids(env) == [other]  # before the reimage A's apiserver loads `old` itself
+    new = env.publish(private_key("ec521", 1), A, published=T0 + timedelta(hours=1))
+    result = env.cli("converge", "--at", "2026-11-22T12:00:00Z", "--format", "json")
+    assert result.code == 0, result.err
+    assert bundle_kids(env) == sorted([old, other])  # A now signs with `new`; `old` must verify
+    status = {k["kid"]: k["status"] for k in json.loads(result.out)["keys"]}
+    assert status[new] == "untrusted" and status[old] == "trusted"
+    env.state([(old, A), (new, A), (other, B)], bundle={"exclude_host": A})
+    after_review = env.cli("converge", "--at", "2026-11-22T12:00:00Z", "--format", "json")
+    assert after_review.code == 0
+    assert bundle_kids(env) == sorted([old, other])
+    assert {k["kid"]: k["status"] for k in json.loads(after_review.out)["keys"]}[new] == "excluded"

@@ -224,7 +224,7 @@ def _protected(desired: DesiredState, observed: EtcdObservation, at: datetime) -
             continue
         if k.not_before and k.not_before > at:
             continue
-        published = value.published if name == k.kid else at
+        published = value.published if name == k.kid else min(k.not_before or at, at)
         if k.kid not in live or name == k.kid:
             live[k.kid] = (k, desired.trusted[k.kid].host or "", published)
     protected = set()
