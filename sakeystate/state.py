@@ -40,9 +40,10 @@ def parse_duration(text: str) -> timedelta:
 
 
 def format_duration(delta: timedelta) -> str:
+    """Hours and below, as retention is usually written (24h, 8760h, 1h30m)."""
     seconds = int(delta.total_seconds())
     parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size:
             parts.append(f"{seconds // size}{unit}")
             seconds %= size

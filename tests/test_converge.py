@@ -182,7 +182,7 @@ def test_expired_key_is_dropped_after_its_grace_and_not_before(env: Env) -> None
         ("bundle", "remove", expiring),
         ("etcd", "delete", expiring),
     }
-    assert "certificate expired 2026-12-02T10:00:00Z, grace 1d" in actions[1]["reason"]
+    assert "certificate expired 2026-12-02T10:00:00Z, grace 24h" in actions[1]["reason"]
     assert "tokens with kid " + expiring + " stop validating" in actions[0]["reason"]
     assert expiring not in bundle_kids(env)
     assert env.prefix + expiring not in env.dump()
