@@ -140,7 +140,7 @@ def _cert_host(key: KeyInfo) -> str | None:
 def _from_etcd(
     base: Mapping[str, Any], observed: EtcdObservation, at: datetime, warnings: list[str]
 ) -> dict[str, AdoptedKey]:
-    desired = state_from_data({**base, "trusted": []}, "<adopt>")
+    desired = state_from_data({**base, "trusted": []}, "the adopted state")
     seen = plan(desired, observed, BundleObservation(desired.bundle.path, None), at)
     values = {e.key: e.value for e in observed.entries}
     found: dict[str, AdoptedKey] = {}
@@ -148,9 +148,11 @@ def _from_etcd(
         # With nothing trusted yet, "untrusted" is exactly "valid, accepted, not
         # revoked, not past its expiry grace": the keys a reviewer can choose from.
         if report.status != "untrusted" or report.kid is None or report.etcd_key is None:
-            warnings.append(
-                f"etcd key {report.etcd_key}: {report.status}: {report.reason}; not adopted"
-            )
+            what = f" ({report.kid})" if report.kid else ""
+            why = report.reason
+            if not why.startswith(report.status):
+                why = f"{report.status}: {why}"
+            warnings.append(f"etcd key {report.etcd_key}{what}: {why}; not adopted")
             continue
         key = parse_value(values[report.etcd_key]).key
         legacy = not report.etcd_key.endswith("/" + report.kid)
@@ -180,7 +182,11 @@ def adopt(
         bundle_keys, problems = parse_pem_bundle(bundle_data)
         warnings += [f"bundle {bundle_source}: {p}; not adopted" for p in problems]
         keys = {}
+        revoked = set(state_from_data({**base, "trusted": []}, "the adopted state").revoked)
         for number, info in enumerate(bundle_keys, start=1):
+            if info.kid in revoked:
+                warnings.append(f"bundle {bundle_source} block {number}: {info.kid} is revoked")
+                continue
             item = in_etcd.get(info.kid) or AdoptedKey(info.kid, info, _cert_host(info))
             item.sources.append(f"bundle {bundle_source} block {number}")
             keys[info.kid] = item

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,7 +18,7 @@ from sakeystate import bundle
 from sakeystate.errors import EtcdError, ReloadFailed, SakeystateError
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
-from sakeystate.model import Guard, Put
+from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
 from sakeystate.plan import Plan, plan, plan_publish
 from sakeystate.state import DesiredState
 
@@ -33,6 +32,25 @@ class RefusedPlan(SakeystateError):
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         super().__init__("refusing to converge: " + "; ".join(plan.refusals))
+
+
+def observe(
+    desired: DesiredState, snapshot_path: str | None = None
+) -> tuple[EtcdObservation, BundleObservation]:
+    """etcd (or a snapshot of it) and the bundle, as a plan sees them.
+
+    A snapshot that carries the bundle of ``bundle.path`` stands in for the local
+    file too, so a review machine plans exactly what the host would.
+    """
+    if snapshot_path:
+        from sakeystate import snapshot
+
+        observed, found = snapshot.load_with_bundle(snapshot_path, desired.etcd.prefix)
+        if found is not None and found.path == desired.bundle.path:
+            return observed, found
+        return observed, bundle.observe(desired.bundle)
+    with EtcdStore(desired.etcd) as store:
+        return store.read(desired.etcd.prefix), bundle.observe(desired.bundle)
 
 
 def observe_and_plan(
@@ -54,7 +72,6 @@ def converge(
     at: datetime,
     allow_removals: bool = False,
     run_reload: bool = True,
-    after_etcd: Callable[[], None] | None = None,
 ) -> Plan:
     """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
     config = desired.bundle
@@ -70,8 +87,6 @@ def converge(
                 f"etcd keys under {desired.etcd.prefix} kept changing during {MAX_ATTEMPTS} "
                 "attempts; nothing more was written, run again"
             )
-        if after_etcd is not None:
-            after_etcd()
         reload_action = current.reload
         if current.write_bundle:
             if reload_action is not None and run_reload:

@@ -65,7 +65,10 @@ def _check_regular(path: str, st: os.stat_result, what: str = "bundle") -> None:
 
 
 def _read(path: str, what: str) -> tuple[bytes | None, os.stat_result | None]:
-    _check_parent(path)
+    # Read-only: a missing directory is no bundle yet (e.g. `plan --observed` in review
+    # CI); writers refuse it in `locked`/`write_atomic` with a clear error.
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        return None, None
     st = _lstat(path)
     if st is None:
         return None, None

@@ -47,19 +47,11 @@ def _load(args: argparse.Namespace) -> DesiredState:
 
 
 def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
-    if getattr(args, "observed", None):
-        from sakeystate import bundle, snapshot
-        from sakeystate.plan import plan
+    from sakeystate.apply import observe
+    from sakeystate.plan import plan
 
-        observed = snapshot.load(args.observed, desired.etcd.prefix)
-        return plan(
-            desired, observed, bundle.observe(desired.bundle), _at(args.at), args.allow_removals
-        )
-    from sakeystate.apply import observe_and_plan
-    from sakeystate.etcd import EtcdStore
-
-    with EtcdStore(desired.etcd) as store:
-        return observe_and_plan(desired, store, _at(args.at), args.allow_removals)
+    observed, found = observe(desired, getattr(args, "observed", None))
+    return plan(desired, observed, found, _at(args.at), args.allow_removals)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -106,14 +98,18 @@ def cmd_converge(args: argparse.Namespace) -> int:
     with EtcdStore(desired.etcd) as store:
         try:
             applied = converge(desired, store, _at(args.at), args.allow_removals)
-        except (RefusedPlan, ReloadFailed) as exc:
-            failed_plan = getattr(exc, "plan", None)
-            if failed_plan is not None and args.format != "text":
+        except RefusedPlan as exc:
+            # Nothing was written: show what would have been, and why it was refused.
+            sys.stdout.write(
+                render(exc.plan, args.format, "Refused", changed=False, errors=[str(exc)])
+            )
+            raise
+        except ReloadFailed as exc:
+            # etcd and the bundle were converged; only the reload is still owed.
+            if exc.plan is not None:
                 sys.stdout.write(
-                    render(failed_plan, args.format, "Refused", changed=False, errors=[str(exc)])
+                    render(exc.plan, args.format, "Converged, reload failed", errors=[str(exc)])
                 )
-            elif failed_plan is not None:
-                sys.stdout.write(render(failed_plan, "text", "Not applied"))
             raise
     sys.stdout.write(render(applied, args.format, "Converged", args.quiet))
     if args.detailed_exitcode and applied.changed:
@@ -173,13 +169,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from sakeystate import snapshot
+    from sakeystate import bundle, snapshot
     from sakeystate.etcd import EtcdStore
 
     desired = _load(args)
     with EtcdStore(desired.etcd) as store:
         observed = store.read(desired.etcd.prefix)
-    sys.stdout.write(snapshot.to_json(observed, desired.cluster, _at(args.at)))
+    found = bundle.observe(desired.bundle)
+    sys.stdout.write(snapshot.to_json(observed, desired.cluster, _at(args.at), found))
     return EXIT_OK
 
 
@@ -375,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
         "verify-token",
         help="check a service-account token against the bundle now and after the pending plan",
     )
-    common(p)
+    p.add_argument(
+        "--state",
+        default=DEFAULT_STATE,
+        metavar="FILE",
+        help=f"desired-state YAML file (default {DEFAULT_STATE})",
+    )
+    p.add_argument("--at", metavar="RFC3339", help="check exp/nbf and plan at this moment")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument(
         "token", nargs="?", default="-", metavar="TOKEN", help="the JWT, or - for stdin (default)"
     )

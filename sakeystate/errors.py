@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sakeystate.plan import Plan
+
 
 class SakeystateError(Exception):
     """An expected failure: printed to stderr as one clear message, exit 1."""
@@ -35,4 +40,4 @@ class Refused(SakeystateError):
 class ReloadFailed(SakeystateError):
     """The reload command failed or timed out; the next run retries it."""
 
-    plan: object | None = None  # the plan that was applied before the reload failed
+    plan: Plan | None = None  # the plan that was applied before the reload failed

@@ -32,6 +32,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # etcd's default --max-txn-ops.
 MAX_TXN_OPS = 128
 _RETRY_ON_NEXT_ENDPOINT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Pause between rounds over all endpoints when none of them could answer.
+RETRY_PAUSE = 0.1
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -112,30 +114,59 @@ class EtcdStore:
         return client
 
     def _call(self, what: str, operation: Callable[[Any, float], T]) -> T:
-        """Run ``operation(client, deadline)`` on the first endpoint that answers in time."""
+        """Run ``operation(client, deadline)`` on the first endpoint that answers in time.
+
+        Endpoints are tried in turn, round after round, until the deadline: while a
+        member is down the others may answer "leader changed" or "no leader" for the
+        second or so an election takes, and that must not fail a converge that has
+        time left. Within a round each endpoint gets an equal share of the time
+        left, the last one all of it, so a member that hangs (stopped, stalled
+        disk, cut off from its peers) cannot use up the whole deadline when the
+        others could answer. Retrying a transaction is safe: it is guarded, so one
+        that did apply before its answer was lost fails its compare and the caller
+        re-reads.
+        """
         deadline = time.monotonic() + self.config.timeout
-        failures: list[str] = []
-        for endpoint in self.endpoints:
-            if time.monotonic() >= deadline:
-                failures.append(f"{endpoint.url}: not tried, time was up")
-                continue
-            try:
-                client = self._client(endpoint, max(0.001, deadline - time.monotonic()))
-                return operation(client, deadline)
-            except grpc.RpcError as exc:
-                code, details = exc.code(), (exc.details() or "").strip()
-                self._drop(endpoint)
-                if code in _RETRY_ON_NEXT_ENDPOINT:
-                    label = (
-                        "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "unavailable"
-                    )
-                    failures.append(f"{endpoint.url}: {label} ({_short(details)})")
+        failures: dict[str, str] = {}
+        while True:
+            for position, endpoint in enumerate(self.endpoints):
+                now = time.monotonic()
+                if now >= deadline:
+                    failures.setdefault(endpoint.url, "not tried, time was up")
                     continue
-                raise EtcdError(
-                    f"{what} refused by {endpoint.url}: {code.name}: {_short(details)}"
-                ) from None
+                share = now + (deadline - now) / (len(self.endpoints) - position)
+                try:
+                    client = self._client(endpoint, max(0.001, share - now))
+                    return operation(client, share)
+                except _Expired:
+                    self._drop(endpoint)
+                    failures[endpoint.url] = "timed out (between requests)"
+                    continue
+                except grpc.RpcError as exc:
+                    code, details = exc.code(), (exc.details() or "").strip()
+                    self._drop(endpoint)
+                    if "context deadline exceeded" in details:
+                        # A member without quorum gives up with our own deadline and
+                        # says so as UNKNOWN: that is a timeout, not a refusal.
+                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    if code in _RETRY_ON_NEXT_ENDPOINT:
+                        label = (
+                            "timed out"
+                            if code == grpc.StatusCode.DEADLINE_EXCEEDED
+                            else "unavailable"
+                        )
+                        failures[endpoint.url] = f"{label} ({_short(details)})"
+                        continue
+                    raise EtcdError(
+                        f"{what} refused by {endpoint.url}: {code.name}: {_short(details)}"
+                    ) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(RETRY_PAUSE, remaining))
         raise EtcdError(
-            f"{what} failed within the {self.config.timeout:g}s timeout: " + "; ".join(failures)
+            f"{what} failed within the {self.config.timeout:g}s timeout: "
+            + "; ".join(f"{url}: {why}" for url, why in failures.items())
         )
 
     def _drop(self, endpoint: _Endpoint) -> None:

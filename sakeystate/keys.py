@@ -13,14 +13,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING
 
 from sakeystate.errors import KeyRejected
 
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+# cryptography is imported by the functions that parse keys, not here: `validate`
+# needs only normalize_fingerprint and should not pay for it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _HEX_FINGERPRINT_RE = re.compile(r"^sha256:([0-9a-fA-F:]+)$")
@@ -37,6 +39,8 @@ HEADER_NAMES = ("Host", "Published")
 
 def kid_of(public_key: PublicKey) -> str:
     """The Kubernetes kid of a public key."""
+    from cryptography.hazmat.primitives import serialization
+
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -96,6 +100,8 @@ class EntryValue:
 
 
 def _check_accepted(public_key: object) -> tuple[PublicKey, str]:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
             raise KeyRejected(
@@ -142,6 +148,9 @@ def _one_pem_block(pem: bytes) -> tuple[str, bytes]:
 
 def parse_key_pem(pem: bytes) -> KeyInfo:
     """Exactly one CERTIFICATE or PUBLIC KEY block of an accepted key type."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     label, block = _one_pem_block(pem)
     try:
         if label == "CERTIFICATE":
@@ -164,6 +173,8 @@ def parse_key_pem(pem: bytes) -> KeyInfo:
 
 
 def _public_pem(public_key: PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -468,9 +468,13 @@ def plan(
         )
         excluded_kid = newest[1]
     bundled: list[BundledKey] = []
+    # The JWKS serves verifiers outside the cluster (OIDC discovery), who must accept
+    # this host's tokens too: it keeps the key exclude_host leaves out of the bundle.
+    jwks_keys: list[BundledKey] = []
     for cand, host, _published in live:
         if cand.kid in superseded:
             continue
+        jwks_keys.append(BundledKey(cand.kid, host, cand.value.key))
         if cand.kid == excluded_kid:
             reason = "current key of exclude_host; its own apiserver loads it"
             status_of[cand.kid] = ("excluded", reason)
@@ -537,7 +541,7 @@ def plan(
                 "bundle bytes differ from the canonical rendering of the same keys",
             )
         )
-    jwks_content = render_jwks(bundled) if desired.bundle.jwks_path else None
+    jwks_content = render_jwks(jwks_keys) if desired.bundle.jwks_path else None
     write_jwks = jwks_content is not None and jwks_content != bundle.jwks_content
     if write_jwks:
         actions.append(

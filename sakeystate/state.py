@@ -160,6 +160,11 @@ def load_schema() -> dict[str, Any]:
     return schema
 
 
+def _where(src: str, line: int, lines: Mapping[FieldPath, int]) -> str:
+    """``file:line``; just the source when it has no lines (an inline Ansible mapping)."""
+    return f"{src}:{line}" if lines else src
+
+
 def _line_for(path: FieldPath, lines: Mapping[FieldPath, int]) -> int:
     while path and path not in lines:
         path = path[:-1]
@@ -198,7 +203,7 @@ def _schema_problems(data: Any, src: str, lines: Mapping[FieldPath, int]) -> lis
         if path and path[-1] == "mode" and error.validator == "type":
             message = f'{error.instance!r} is not a string: quote the mode, e.g. mode: "0644"'
         problems.append((_line_for(path, lines), f"{_dotted(path)}: {message}"))
-    return [f"{src}:{line}: {text}" for line, text in sorted(problems)]
+    return [f"{_where(src, line, lines)}: {text}" for line, text in sorted(problems)]
 
 
 def _schema_is(schema: Mapping[str, Any], name: str) -> bool:
@@ -274,7 +279,7 @@ def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) ->
     problems: list[str] = []
 
     def where(path: FieldPath) -> str:
-        return f"{src}:{_line_for(path, lines)}: {_dotted(path)}"
+        return f"{_where(src, _line_for(path, lines), lines)}: {_dotted(path)}"
 
     def kid_at(section: str, index: int, entry: Mapping[str, Any]) -> str | None:
         try:

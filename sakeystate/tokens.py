@@ -20,7 +20,6 @@ from typing import Any, TextIO
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from sakeystate import bundle
 from sakeystate.errors import SakeystateError
 from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle, parse_value
 from sakeystate.model import BundleObservation, EtcdObservation
@@ -211,22 +210,6 @@ def verify(
     return Verification(token, at, host, time, now, after)
 
 
-def observe(
-    desired: DesiredState, snapshot_path: str | None
-) -> tuple[EtcdObservation, BundleObservation]:
-    """etcd (or a snapshot of it) and the bundle file, as ``plan`` sees them."""
-    if snapshot_path:
-        from sakeystate import snapshot
-
-        observed = snapshot.load(snapshot_path, desired.etcd.prefix)
-    else:
-        from sakeystate.etcd import EtcdStore
-
-        with EtcdStore(desired.etcd) as store:
-            observed = store.read(desired.etcd.prefix)
-    return observed, bundle.observe(desired.bundle)
-
-
 def _pod(claims: Mapping[str, Any]) -> str | None:
     k8s = claims.get("kubernetes.io")
     if not isinstance(k8s, dict):
@@ -307,5 +290,7 @@ def verify_token(
 ) -> Verification:
     """Read, decode and check one token: the whole ``verify-token`` command."""
     token = decode(read_token(source, sys.stdin))
+    from sakeystate.apply import observe
+
     observed, found = observe(desired, snapshot_path)
     return verify(token, desired, observed, found, at)

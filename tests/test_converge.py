@@ -296,8 +296,9 @@ def test_max_removals_refusal_writes_nothing_unless_allowed(env: Env) -> None:
         revoked=[{"fingerprint": kids[1]}, {"fingerprint": kids[2]}],
         retention={"max_removals": 1},
     )
-    refused = env.cli("converge", "--at", AT)
+    refused = env.cli("converge", "--at", AT, "--format", "json")
     assert refused.code == 1 and "--allow-removals" in refused.err
+    assert json.loads(refused.out)["changed"] is False
     assert env.bundle_bytes() == before and env.dump() == dump
     assert env.cli("check", "--at", AT).code == 0
     allowed = env.cli("converge", "--at", AT, "--allow-removals")
@@ -323,8 +324,10 @@ def test_failed_reload_fails_converge_and_next_run_retries_it(env: Env) -> None:
     flag.touch()
     argv, log = reload_counter(env, fail_flag=flag)
     three_planes(env, bundle={"reload": argv})
-    failed = env.cli("converge", "--at", AT)
+    failed = env.cli("converge", "--at", AT, "--format", "json")
     assert failed.code == 1 and "exited 3" in failed.err
+    report = json.loads(failed.out)
+    assert report["changed"] is True and "exited 3" in report["errors"][0]
     assert env.bundle_bytes() is not None  # the bundle is written; only the reload is owed
     assert env.cli("check", "--at", AT).code == 0
     still = env.cli("converge", "--at", AT)
@@ -541,3 +544,16 @@ def test_reimaged_host_keeps_its_old_key_in_its_own_bundle_while_new_key_awaits_
     assert after_review.code == 0
     assert bundle_kids(env) == sorted([old, other])
     assert {k["kid"]: k["status"] for k in json.loads(after_review.out)["keys"]}[new] == "excluded"
+
+
+def test_plan_without_the_bundle_directory_plans_a_new_bundle_and_converge_refuses(
+    env: Env,
+) -> None:
+    kids = three_planes(env, bundle={"path": str(env.tmp / "missing" / "sa.pem")})
+    plan = env.cli("plan", "--at", AT, "--format", "json")
+    assert plan.code == 0, plan.err
+    assert sorted(json.loads(plan.out)["bundle"]["kids_after"]) == sorted(kids)
+    converge = env.cli("converge", "--at", AT)
+    assert converge.code == 1
+    assert f"bundle directory {env.tmp / 'missing'} does not exist" in converge.err
+    assert not (env.tmp / "missing").exists()
