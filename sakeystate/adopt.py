@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from cryptography import x509
@@ -35,6 +35,8 @@ from sakeystate.state import load_state_text, state_from_data
 
 LEGACY_BUNDLE = "/etc/kubernetes/pki/kube-apiserver-sa-certs.pem"
 DEFAULT_PREFIX = "/kube-apiserver-sa-certs/"
+# An old watcher's bundle: one certificate per control plane, ever; far below this.
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 # Contract defaults; superseded_grace covers a one-year projected token.
 DEFAULT_RETENTION: Mapping[str, Any] = {
     "expired_grace": "24h",
@@ -67,22 +69,10 @@ class Adoption:
     warnings: tuple[str, ...]
 
 
-def base_document(
-    *,
-    cluster: str | None,
-    endpoints: Sequence[str],
-    prefix: str | None,
-    timeout: str | None,
-    ca_file: str | None,
-    cert_file: str | None,
-    key_file: str | None,
-    username: str | None,
-    password_file: str | None,
-    bundle_path: str | None,
-    from_state: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+def base_document(o: Options, from_state: Mapping[str, Any] | None) -> dict[str, Any]:
     """Every section of the new state but ``trusted``: from an existing state file or flags."""
-    etcd_flags = (endpoints, prefix, timeout, ca_file, cert_file, key_file, username, password_file)
+    tls = {"ca_file": o.ca_file, "cert_file": o.cert_file, "key_file": o.key_file}
+    etcd_flags = (o.endpoints, o.prefix, o.timeout, o.username, o.password_file, *tls.values())
     if from_state is not None:
         if any(etcd_flags):
             raise SakeystateError(
@@ -91,32 +81,32 @@ def base_document(
             )
         data = {k: v for k, v in from_state.items() if k != "trusted"}
     else:
-        if not endpoints:
+        if not o.endpoints:
             raise SakeystateError(
                 "adopt needs the etcd connection the state file will use: --endpoint URL "
                 "(repeatable) and the options that go with it, or --state FILE"
             )
         etcd: dict[str, Any] = {
-            "endpoints": list(endpoints),
-            "prefix": prefix or DEFAULT_PREFIX,
-            "timeout": timeout or "5s",
+            "endpoints": list(o.endpoints),
+            "prefix": o.prefix or DEFAULT_PREFIX,
+            "timeout": o.timeout or "5s",
         }
-        tls = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
         if any(tls.values()):
             etcd["tls"] = {k: v for k, v in tls.items() if v}
-        if username or password_file:
-            etcd["auth"] = {"username": username, "password_file": password_file}
+        if o.username or o.password_file:
+            etcd["auth"] = {"username": o.username, "password_file": o.password_file}
         data = {
             "apiVersion": "sakeystate/v1",
-            "cluster": cluster,
+            "cluster": o.cluster,
             "etcd": etcd,
-            "bundle": {"path": bundle_path or LEGACY_BUNDLE},
+            "bundle": {"path": LEGACY_BUNDLE},
             "retention": dict(DEFAULT_RETENTION),
         }
-    if cluster:
-        data["cluster"] = cluster
+    if o.cluster:
+        data["cluster"] = o.cluster
     if not data.get("cluster"):
         raise SakeystateError("adopt needs --cluster NAME (shown in every report)")
+    bundle_path = o.bundle_path or (None if o.state else o.from_bundle)
     if bundle_path:
         data["bundle"] = {**data.get("bundle", {}), "path": bundle_path}
     return data
@@ -294,11 +284,9 @@ def write_output(path: str, text: str, force: bool) -> None:
 
 
 def read_bundle(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise SakeystateError(f"cannot read --from-bundle {path}: {exc.strerror}") from None
+    from sakeystate.files import read_capped
+
+    return read_capped(path, MAX_BUNDLE_BYTES, "--from-bundle")
 
 
 def read_state_document(path: str) -> dict[str, Any]:
@@ -314,6 +302,23 @@ def read_state_document(path: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Options:
     """What ``sakeystate adopt`` was asked, as parsed by the CLI."""
+
+    # Fields the CLI passes through unchanged, by the same name as its options.
+    FROM_ARGS: ClassVar[tuple[str, ...]] = (
+        "cluster",
+        "state",
+        "prefix",
+        "timeout",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "username",
+        "password_file",
+        "bundle_path",
+        "from_bundle",
+        "output",
+        "force",
+    )
 
     at: datetime
     cluster: str | None = None
@@ -335,19 +340,7 @@ class Options:
 
 def run(options: Options) -> Adoption:
     """The ``adopt`` command: read the sources, build the state, write it unless to stdout."""
-    base = base_document(
-        cluster=options.cluster,
-        endpoints=options.endpoints,
-        prefix=options.prefix,
-        timeout=options.timeout,
-        ca_file=options.ca_file,
-        cert_file=options.cert_file,
-        key_file=options.key_file,
-        username=options.username,
-        password_file=options.password_file,
-        bundle_path=options.bundle_path or (None if options.state else options.from_bundle),
-        from_state=read_state_document(options.state) if options.state else None,
-    )
+    base = base_document(options, read_state_document(options.state) if options.state else None)
     desired = state_from_data({**base, "trusted": []}, "the adopted state")
     observed = None
     if options.read_etcd:

@@ -146,16 +146,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     from sakeystate.apply import publish
     from sakeystate.etcd import EtcdStore
+    from sakeystate.files import read_capped
     from sakeystate.keys import MAX_VALUE_BYTES, parse_key_pem
 
     desired = _load(args)
-    try:
-        with open(args.cert, "rb") as handle:
-            pem = handle.read(MAX_VALUE_BYTES + 1)
-    except OSError as exc:
-        raise SakeystateError(f"cannot read --cert {args.cert}: {exc.strerror}") from None
-    if len(pem) > MAX_VALUE_BYTES:
-        raise SakeystateError(f"--cert {args.cert} is larger than {MAX_VALUE_BYTES} bytes")
+    pem = read_capped(args.cert, MAX_VALUE_BYTES, "--cert")
     try:
         key = parse_key_pem(pem)
     except SakeystateError as exc:
@@ -193,22 +188,10 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
     result = adopt.run(
         adopt.Options(
+            **{name: getattr(args, name) for name in adopt.Options.FROM_ARGS},
             at=_at(args.at),
-            cluster=args.cluster,
-            state=args.state,
             endpoints=tuple(args.endpoint),
-            prefix=args.prefix,
-            timeout=args.timeout,
-            ca_file=args.ca_file,
-            cert_file=args.cert_file,
-            key_file=args.key_file,
-            username=args.username,
-            password_file=args.password_file,
-            bundle_path=args.bundle_path,
-            from_bundle=args.from_bundle,
             read_etcd=not args.no_etcd,
-            output=args.output,
-            force=args.force,
         )
     )
     for warning in result.warnings:
@@ -249,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sakeystate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser, formats: tuple[str, ...] = ("text", "json")) -> None:
+    def common(
+        p: argparse.ArgumentParser,
+        formats: tuple[str, ...] = ("text", "json"),
+        quiet: bool = True,
+        observed: str | None = None,
+    ) -> None:
         p.add_argument(
             "--state",
             default=DEFAULT_STATE,
@@ -258,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--at", metavar="RFC3339", help="evaluate time-based policy at this moment")
         p.add_argument("--format", choices=formats, default="text")
-        p.add_argument("-q", "--quiet", action="store_true", help="print nothing when unchanged")
+        if quiet:
+            p.add_argument("-q", "--quiet", action="store_true", help="nothing when unchanged")
+        if observed:
+            p.add_argument("--observed", metavar="SNAPSHOT", help=observed)
 
     p = sub.add_parser("validate", help="check state files (schema and semantics, no network)")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -266,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show what converge would change (read-only)")
-    common(p, ("text", "json", "markdown"))
+    common(
+        p,
+        ("text", "json", "markdown"),
+        observed="plan offline against a `sakeystate snapshot` file instead of etcd",
+    )
     p.add_argument(
         "--detailed-exitcode", action="store_true", help="exit 0 no changes, 2 changes, 1 error"
     )
@@ -274,11 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-removals",
         action="store_true",
         help="plan as if converge were run with --allow-removals",
-    )
-    p.add_argument(
-        "--observed",
-        metavar="SNAPSHOT",
-        help="plan offline against a `sakeystate snapshot` file instead of etcd",
     )
     p.set_defaults(func=cmd_plan)
 
@@ -318,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_snapshot, allow_removals=False)
 
     p = sub.add_parser("inspect", help="table of every key in etcd and the bundle, with its status")
-    common(p)
-    p.add_argument("--observed", metavar="SNAPSHOT", help="inspect a snapshot instead of etcd")
+    common(p, observed="inspect a `sakeystate snapshot` file instead of etcd")
     p.set_defaults(func=cmd_inspect, allow_removals=False)
 
     p = sub.add_parser(
@@ -372,18 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify-token",
         help="check a service-account token against the bundle now and after the pending plan",
     )
-    p.add_argument(
-        "--state",
-        default=DEFAULT_STATE,
-        metavar="FILE",
-        help=f"desired-state YAML file (default {DEFAULT_STATE})",
-    )
-    p.add_argument("--at", metavar="RFC3339", help="check exp/nbf and plan at this moment")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    common(p, quiet=False, observed="plan against a snapshot instead of etcd")
     p.add_argument(
         "token", nargs="?", default="-", metavar="TOKEN", help="the JWT, or - for stdin (default)"
     )
-    p.add_argument("--observed", metavar="SNAPSHOT", help="plan against a snapshot instead of etcd")
     p.set_defaults(func=cmd_verify_token)
     return parser
 

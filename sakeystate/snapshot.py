@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sakeystate.errors import SakeystateError
+from sakeystate.files import read_capped
 from sakeystate.keys import MAX_VALUE_BYTES, format_time
 from sakeystate.model import BundleObservation, EtcdEntry, EtcdObservation
 
@@ -113,13 +114,7 @@ def load(path: str, prefix: str) -> EtcdObservation:
 
 def load_with_bundle(path: str, prefix: str) -> tuple[EtcdObservation, BundleObservation | None]:
     """Read a snapshot taken of ``prefix``; errors name the file and what is wrong."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_SNAPSHOT_BYTES + 1)
-    except OSError as exc:
-        raise SakeystateError(f"cannot read snapshot {path}: {exc.strerror}") from None
-    if len(raw) > MAX_SNAPSHOT_BYTES:
-        raise SakeystateError(f"snapshot {path} is larger than {MAX_SNAPSHOT_BYTES} bytes")
+    raw = read_capped(path, MAX_SNAPSHOT_BYTES, "snapshot")
     try:
         document = json.loads(raw)
         if document.get("version") != SNAPSHOT_VERSION:

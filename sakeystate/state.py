@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from sakeystate.errors import StateError
+from sakeystate.errors import SakeystateError, StateError
+from sakeystate.files import read_capped
 from sakeystate.keys import normalize_fingerprint
 
 MAX_STATE_BYTES = 1024 * 1024
@@ -257,17 +258,9 @@ def state_from_data(
 def load_state(path: str | Path) -> DesiredState:
     source = str(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_STATE_BYTES + 1)
-    except OSError as exc:
-        raise StateError(
-            source, [f"{source}: cannot read the state file: {exc.strerror}"]
-        ) from None
-    if len(raw) > MAX_STATE_BYTES:
-        raise StateError(
-            source,
-            [f"{source}: the file is larger than {MAX_STATE_BYTES} bytes; refusing to parse"],
-        )
+        raw = read_capped(source, MAX_STATE_BYTES, "state file")
+    except SakeystateError as exc:
+        raise StateError(source, [str(exc)]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
