@@ -209,10 +209,13 @@ def clear_reload_pending(config: BundleConfig) -> None:
     _fsync_dir(os.path.dirname(marker) or ".")
 
 
-def _remove_stale_temporaries(path: str) -> None:
+def _remove_stale_temporaries(config: BundleConfig) -> None:
     """Temp files a killed run left behind; only the lock holder may write them."""
-    directory = os.path.dirname(path) or "."
-    for name in (os.path.basename(path), os.path.basename(path + PENDING_SUFFIX)):
+    targets = [config.path, config.path + PENDING_SUFFIX]
+    if config.jwks_path:
+        targets.append(config.jwks_path)
+    for target in targets:
+        directory, name = os.path.dirname(target) or ".", os.path.basename(target)
         for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*")):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
@@ -240,7 +243,7 @@ def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
                         f"gave up after {timeout:g}s"
                     ) from None
                 time.sleep(0.05)
-        _remove_stale_temporaries(config.path)
+        _remove_stale_temporaries(config)
         yield
     finally:
         os.close(fd)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sakeystate import __version__
 from sakeystate.errors import SakeystateError, StateError
@@ -54,6 +54,18 @@ def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
     return plan(desired, observed, found, _at(args.at), args.allow_removals)
 
 
+def _report(plan: Plan, args: argparse.Namespace, verb: str, **fields: Any) -> None:
+    """The report to stdout; its warnings, meant for people, to stderr (a markdown
+    plan is itself a document for people and keeps them in its body)."""
+    from sakeystate.report import render
+
+    quiet = getattr(args, "quiet", False)
+    sys.stdout.write(render(plan, args.format, verb, quiet, **fields))
+    if args.format != "markdown" and not quiet:
+        for warning in plan.warnings:
+            print(f"sakeystate: warning: {warning}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from sakeystate.state import load_state
 
@@ -75,10 +87,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sakeystate.report import render
 
     current = _observe_plan(args, _load(args))
-    sys.stdout.write(render(current, args.format, "Plan", args.quiet))
+    _report(current, args, "Plan")
     if current.refusals:
         for refusal in current.refusals:
             print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
@@ -92,7 +103,6 @@ def cmd_converge(args: argparse.Namespace) -> int:
     from sakeystate.apply import RefusedPlan, converge
     from sakeystate.errors import ReloadFailed
     from sakeystate.etcd import EtcdStore
-    from sakeystate.report import render
 
     desired = _load(args)
     with EtcdStore(desired.etcd) as store:
@@ -100,18 +110,14 @@ def cmd_converge(args: argparse.Namespace) -> int:
             applied = converge(desired, store, _at(args.at), args.allow_removals)
         except RefusedPlan as exc:
             # Nothing was written: show what would have been, and why it was refused.
-            sys.stdout.write(
-                render(exc.plan, args.format, "Refused", changed=False, errors=[str(exc)])
-            )
+            _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)])
             raise
         except ReloadFailed as exc:
             # etcd and the bundle were converged; only the reload is still owed.
             if exc.plan is not None:
-                sys.stdout.write(
-                    render(exc.plan, args.format, "Converged, reload failed", errors=[str(exc)])
-                )
+                _report(exc.plan, args, "Converged, reload failed", errors=[str(exc)])
             raise
-    sys.stdout.write(render(applied, args.format, "Converged", args.quiet))
+    _report(applied, args, "Converged")
     if args.detailed_exitcode and applied.changed:
         return EXIT_CHANGES
     return EXIT_OK

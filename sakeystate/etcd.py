@@ -137,7 +137,7 @@ class EtcdStore:
                 share = now + (deadline - now) / (len(self.endpoints) - position)
                 try:
                     client = self._client(endpoint, max(0.001, share - now))
-                    return operation(client, share)
+                    result = operation(client, share)
                 except _Expired:
                     self._drop(endpoint)
                     failures[endpoint.url] = "timed out (between requests)"
@@ -160,6 +160,11 @@ class EtcdStore:
                     raise EtcdError(
                         f"{what} refused by {endpoint.url}: {code.name}: {_short(details)}"
                     ) from None
+                if position:
+                    # Ask the member that answered first next time: a hung member
+                    # then costs its share once per run, not once per request.
+                    self.endpoints.insert(0, self.endpoints.pop(position))
+                return result
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -72,8 +72,6 @@ def render_text(plan: Plan, verb: str = "Plan", quiet: bool = False) -> str:
         lines.append(
             f"{action.target:<6} {action.op:<11} {subject:<43} {where:<28} {action.reason}".rstrip()
         )
-    if not quiet:
-        lines += [f"warning: {w}" for w in plan.warnings]
     lines.append(f"{verb} for {plan.cluster} at {format_time(plan.at)}: {summary(plan)}")
     return "\n".join(lines) + "\n"
 

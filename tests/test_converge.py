@@ -557,3 +557,41 @@ def test_plan_without_the_bundle_directory_plans_a_new_bundle_and_converge_refus
     assert converge.code == 1
     assert f"bundle directory {env.tmp / 'missing'} does not exist" in converge.err
     assert not (env.tmp / "missing").exists()
+
+
+def test_warnings_go_to_stderr_and_reports_to_stdout(env: Env) -> None:
+    three_planes(env)
+    stranger = env.publish(private_key("ec384", 4), "new.example.org")
+    text = env.cli("plan", "--at", AT)
+    assert f"untrusted key {stranger}" in text.err and stranger not in text.out
+    assert text.err.startswith("sakeystate: warning: ")
+    as_json = env.cli("plan", "--at", AT, "--format", "json")
+    assert any(stranger in w for w in json.loads(as_json.out)["warnings"])
+    markdown = env.cli("plan", "--at", AT, "--format", "markdown")
+    assert f"untrusted key {stranger}" in markdown.out and markdown.err == ""
+    assert env.cli("converge", "--at", AT).code == 0
+    quiet = env.cli("converge", "--at", AT, "--quiet")
+    assert (quiet.out, quiet.err) == ("", "")
+
+
+def test_jwks_temporaries_a_killed_run_left_are_removed_too(env: Env) -> None:
+    three_planes(env, bundle={"jwks_path": str(env.tmp / "jwks.json")})
+    stale = env.tmp / ".jwks.json.tmp-4242"
+    stale.write_bytes(b"{")
+    assert env.cli("converge", "--at", AT).code == 0
+    assert not stale.exists() and json.loads((env.tmp / "jwks.json").read_text())["keys"]
+
+
+def test_the_endpoint_that_answered_is_asked_first_next_time(env: Env) -> None:
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.state import EtcdConfig
+    from sakeystate.testing import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    store = EtcdStore(EtcdConfig(endpoints=(dead, env.etcd.url), prefix=env.prefix, timeout=5))
+    with store:
+        store.read(env.prefix)
+        assert [e.url for e in store.endpoints] == [env.etcd.url, dead]
+        before = store.requests
+        store.read(env.prefix)
+        assert store.requests == before + 1  # straight to the live member
