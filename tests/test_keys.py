@@ -127,3 +127,10 @@ def test_legacy_bundle_of_certificates_is_read_with_problems_reported() -> None:
     assert problems == [
         "block 2: RSA key of 1024 bits is too short (kube-apiserver needs at least 2048)"
     ]
+
+
+@pytest.mark.parametrize("kind", ["ec256", "ec384", "ec521", "rsa2048"])
+def test_bundle_pem_is_byte_identical_to_cryptography_encoding(kind: str) -> None:
+    key = private_key(kind)
+    for pem in (public_pem(key), make_cert(key, "h.example.org")):
+        assert parse_key_pem(pem).public_pem == public_pem(key)
