@@ -213,66 +213,110 @@ def _line_for(path: FieldPath, lines: Mapping[FieldPath, int]) -> int:
     return lines.get(path, 1)
 
 
-_FAST_ITEM_KEYS = {"type", "additionalProperties", "required", "properties", "description"}
-_FAST_STRING_KEYS = {"type", "pattern", "minLength", "description", "default"}
+_ANNOTATIONS = {"description", "default", "title", "$schema", "$id", "$defs"}
+Check = Callable[[Any], bool]
 
 
-def _compile_items(array_schema: Mapping[str, Any]) -> Callable[[Any], bool] | None:
-    """A predicate equal to the schema for items of a list of simple objects, or None.
+def _compile(schema: Mapping[str, Any]) -> Check | None:
+    """A predicate that accepts only what jsonschema accepts, or None if it cannot tell.
 
-    Only for what it can decide exactly: objects with ``additionalProperties:
-    false``, ``required`` and string properties with ``pattern``/``minLength``
-    (jsonschema's ``pattern`` is ``re.search``). Anything else, or any item it
-    rejects, goes to jsonschema, which gives the exact message.
+    Compiled from the (inlined) schema itself, so the schema stays the single
+    source of truth. It covers the keywords the state schema uses and is
+    conservative: where it is unsure (an unknown keyword, a float where an
+    integer is expected, non-string items to compare) it says "not valid" and
+    jsonschema, which gives the exact message, decides. tests/test_state.py
+    checks it against jsonschema on generated documents.
     """
-    items = array_schema.get("items", {})
-    if set(array_schema) - {"type", "items", "description"} or array_schema.get("type") != "array":
-        return None
-    if set(items) - _FAST_ITEM_KEYS or items.get("type") != "object":
-        return None
-    if items.get("additionalProperties") is not False:
-        return None
-    checks: dict[str, tuple[int, re.Pattern[str] | None]] = {}
-    for name, prop in items.get("properties", {}).items():
-        if set(prop) - _FAST_STRING_KEYS or prop.get("type") != "string":
+    keys = set(schema) - _ANNOTATIONS
+    kind = schema.get("type")
+    checks: list[Check] = []
+    if "const" in schema:
+        const = schema["const"]
+        if type(const) is not str:
             return None
-        pattern = re.compile(prop["pattern"]) if "pattern" in prop else None
-        checks[name] = (prop.get("minLength", 0), pattern)
-    required = tuple(items.get("required", ()))
+        checks.append(lambda v: type(v) is str and v == const)
+    if kind == "object":
+        props = {name: _compile(sub) for name, sub in schema.get("properties", {}).items()}
+        if any(check is None for check in props.values()):
+            return None
+        allow_extra = schema.get("additionalProperties", True)
+        if allow_extra not in (True, False):
+            return None
+        required = tuple(schema.get("required", ()))
+        dependent = {k: tuple(v) for k, v in schema.get("dependentRequired", {}).items()}
 
-    def valid(item: Any) -> bool:
-        if type(item) is not dict or any(name not in item for name in required):
-            return False
-        for name, value in item.items():
-            check = checks.get(name)
-            if check is None or type(value) is not str or len(value) < check[0]:
+        def valid_object(v: Any) -> bool:
+            if type(v) is not dict or any(name not in v for name in required):
                 return False
-            if check[1] is not None and not check[1].search(value):
+            if any(k in v and any(d not in v for d in deps) for k, deps in dependent.items()):
                 return False
-        return True
+            for name, value in v.items():
+                check = props.get(name)
+                if check is None:
+                    if allow_extra:
+                        continue
+                    return False
+                if not check(value):
+                    return False
+            return True
 
-    return valid
+        checks.append(valid_object)
+        keys -= {"type", "properties", "additionalProperties", "required", "dependentRequired"}
+    elif kind == "array":
+        item_check = _compile(schema.get("items", {}))
+        if item_check is None:
+            return None
+        min_items, unique = schema.get("minItems", 0), schema.get("uniqueItems", False)
+
+        def valid_array(v: Any) -> bool:
+            if type(v) is not list or len(v) < min_items or not all(map(item_check, v)):
+                return False
+            # Only strings are compared here; anything else goes to jsonschema.
+            return not unique or (all(type(i) is str for i in v) and len(set(v)) == len(v))
+
+        checks.append(valid_array)
+        keys -= {"type", "items", "minItems", "uniqueItems"}
+    elif kind == "string":
+        pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
+        min_length = schema.get("minLength", 0)
+
+        def valid_string(v: Any) -> bool:
+            if type(v) is not str or len(v) < min_length:
+                return False
+            return pattern is None or pattern.search(v) is not None
+
+        checks.append(valid_string)
+        keys -= {"type", "pattern", "minLength"}
+    elif kind == "integer":
+        minimum = schema.get("minimum")
+        checks.append(lambda v: type(v) is int and (minimum is None or v >= minimum))
+        keys -= {"type", "minimum"}
+    elif kind is not None:
+        return None
+    keys.discard("const")
+    if keys:
+        return None
+    return lambda v: all(check(v) for check in checks)
 
 
 @cache
-def _fast_lists() -> dict[str, Callable[[Any], bool]]:
-    properties = _validator().schema.get("properties", {})
-    compiled = {name: _compile_items(properties[name]) for name in ("trusted", "revoked")}
-    return {name: check for name, check in compiled.items() if check is not None}
+def _fast_checks() -> tuple[Check | None, dict[str, Check]]:
+    """The whole document's predicate, and each long list's (trusted, revoked)."""
+    schema = _inlined_schema()
+    properties = schema.get("properties", {})
+    lists = {name: _compile(properties[name]) for name in ("trusted", "revoked")}
+    return _compile(schema), {name: check for name, check in lists.items() if check}
 
 
 def _schema_problems(data: Any, src: str, lines: Mapping[FieldPath, int]) -> list[str]:
+    document_check, list_checks = _fast_checks()
+    if document_check is not None and document_check(data):
+        return []  # valid, and jsonschema (85 ms to import) is not needed on this run
     validator = _validator()
     if isinstance(data, dict):
-        # Long key lists are checked by a predicate compiled from the same schema
-        # (a 10,000-key state validates in a tenth of the time); only a list with an
-        # item it rejects goes through jsonschema, for the exact message.
-        fast = {
-            name: check
-            for name, check in _fast_lists().items()
-            if isinstance(data.get(name), list) and all(map(check, data[name]))
-        }
-        data = {k: ([] if k in fast else v) for k, v in data.items()}
+        # A long key list that its predicate accepts is left out, so that jsonschema
+        # spends its time only where the problem is.
+        data = {k: ([] if k in list_checks and list_checks[k](v) else v) for k, v in data.items()}
     problems: list[tuple[int, str]] = []
     for error in validator.iter_errors(data):
         path: FieldPath = tuple(error.absolute_path)
@@ -311,13 +355,16 @@ def _schema_is(schema: Mapping[str, Any], name: str) -> bool:
 
 @cache
 def _validator() -> Any:
-    """A validator of the schema with its local ``$ref``s inlined.
+    """jsonschema's validator of the inlined schema, for the messages of an invalid state."""
+    import jsonschema  # only an invalid state pays for it
 
-    Same rules, half the time on a large trusted list: resolving a ``$ref`` per
-    fingerprint and host is most of what jsonschema spends.
-    """
-    import jsonschema  # only validation pays for it
+    return jsonschema.Draft202012Validator(_inlined_schema())
 
+
+@cache
+def _inlined_schema() -> dict[str, Any]:
+    """The schema with its local ``$ref``s inlined: the same rules, and resolving a
+    ``$ref`` per fingerprint and host was most of what jsonschema spent."""
     schema = load_schema()
     defs = schema.get("$defs", {})
 
@@ -332,7 +379,8 @@ def _validator() -> Any:
             return [inline(v) for v in node]
         return node
 
-    return jsonschema.Draft202012Validator(inline(schema))
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 def _iter_fingerprints(data: Mapping[str, Any], section: str) -> Iterator[tuple[int, Any]]:

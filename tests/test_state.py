@@ -46,11 +46,132 @@ items = st.one_of(
 
 @pytest.mark.parametrize("section", ["trusted", "revoked"])
 @settings(max_examples=300, deadline=None)
-@given(item=items)
-def test_fast_list_check_agrees_with_jsonschema(section: str, item: Any) -> None:
-    array_schema = state._validator().schema["properties"][section]
-    reference = jsonschema.Draft202012Validator(array_schema["items"])
-    assert state._fast_lists()[section](item) == reference.is_valid(item)
+@given(listed=st.lists(items, max_size=3))
+def test_fast_list_check_agrees_with_jsonschema(section: str, listed: list[Any]) -> None:
+    array_schema = state._inlined_schema()["properties"][section]
+    reference = jsonschema.Draft202012Validator(array_schema)
+    assert state._fast_checks()[1][section](listed) == reference.is_valid(listed)
+
+
+BASE: dict[str, Any] = {
+    "apiVersion": "sakeystate/v1",
+    "cluster": "wikikube-eqiad",
+    "etcd": {
+        "endpoints": ["https://etcd1.example.org:2379", "https://etcd2.example.org:2379"],
+        "prefix": "/kube-apiserver-sa-certs/",
+        "timeout": "5s",
+        "tls": {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem"},
+        "auth": {"username": "sakeystate", "password_file": "/pw"},
+    },
+    "bundle": {
+        "path": "/b.pem",
+        "mode": "0644",
+        "owner": "kube",
+        "group": "kube",
+        "exclude_host": "ctrl1.example.org",
+        "reload": ["systemctl", "restart", "x"],
+        "reload_timeout": "5m",
+        "jwks_path": "/j.json",
+    },
+    "trusted": [{"fingerprint": KID, "host": "ctrl1.example.org", "note": "n"}],
+    "revoked": [{"fingerprint": "sha256:" + "ab" * 32, "reason": "r"}],
+    "retention": {
+        "expired_grace": "24h",
+        "superseded_grace": "8760h",
+        "min_keys": 1,
+        "max_removals": 2,
+        "max_token_lifetime": "8760h",
+    },
+}
+leaves = st.one_of(
+    values,
+    st.floats(allow_nan=False),
+    st.integers(-2, 3),
+    st.sampled_from(
+        [
+            "5s",
+            "1h30m",
+            "0644",
+            "644",
+            "/abs",
+            "rel",
+            "http://a:1",
+            "sakeystate/v1",
+            "/p/",
+            "p/",
+            1.0,
+            True,
+        ]
+    ),
+    st.lists(st.sampled_from(["x", "x", "http://a:1", 1]), max_size=3),
+)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> Any:
+    """BASE with a few random edits: a value replaced, a field dropped or an unknown one added."""
+    import copy
+
+    doc = copy.deepcopy(BASE)
+    for _ in range(draw(st.integers(0, 3))):
+        path = draw(st.sampled_from(_paths(doc) or [("apiVersion",)]))
+        parent = doc
+        for part in path[:-1]:
+            parent = parent[part]
+        action = draw(st.sampled_from(["replace", "drop", "add"]))
+        if action == "replace":
+            parent[path[-1]] = draw(leaves)
+        elif action == "drop" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.sampled_from(["extra", "Host", "note", "reason", "min_keys"]))] = draw(
+                leaves
+            )
+    return doc
+
+
+@settings(max_examples=600, deadline=None)
+@given(doc=documents())
+def test_document_fast_path_never_accepts_what_jsonschema_rejects(doc: Any) -> None:
+    document_check = state._fast_checks()[0]
+    assert document_check is not None
+    if document_check(doc):
+        assert jsonschema.Draft202012Validator(state.load_schema()).is_valid(doc), doc
+
+
+def test_document_fast_path_accepts_the_valid_examples() -> None:
+    import yaml
+
+    document_check = state._fast_checks()[0]
+    assert document_check is not None and document_check(BASE)
+    for example in Path(__file__).parent.parent.glob("state/*.yaml"):
+        assert document_check(yaml.safe_load(example.read_text())), example
+
+
+def test_a_valid_state_loads_without_importing_jsonschema(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sakeystate.state import load_state; "
+        "load_state(sys.argv[1]); print('jsonschema' in sys.modules)"
+    )
+    example = Path(__file__).parent.parent / "state" / "wikikube-eqiad.yaml"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(example)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
 
 
 def _big_state(tmp_path: Path, bad_at: int | None = None) -> Path:
