@@ -60,11 +60,10 @@ class PlaybookRun:
         return f"exit {self.code}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
 
 
-def ansible_playbook(
-    tmp: Path, playbook: Path, *args: str, inventory: str = "localhost,"
-) -> subprocess.CompletedProcess[str]:
+def ansible_tool(tmp: Path, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an ansible-core command with every Ansible path under ``tmp``."""
     return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", inventory, str(playbook), *args],
+        [str(BIN / tool), *args],
         cwd=tmp,
         env=ansible_environ(tmp),
         capture_output=True,
@@ -72,6 +71,12 @@ def ansible_playbook(
         timeout=120,
         check=False,
     )
+
+
+def ansible_playbook(
+    tmp: Path, playbook: Path, *args: str, inventory: str = "localhost,"
+) -> subprocess.CompletedProcess[str]:
+    return ansible_tool(tmp, "ansible-playbook", "-i", inventory, str(playbook), *args)
 
 
 def run_module(
@@ -282,15 +287,7 @@ def test_missing_package_gives_the_standard_missing_library_message(tmp_path: Pa
 
 
 def test_ansible_doc_renders_without_warnings(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [str(BIN / "ansible-doc"), "-M", str(LIBRARY), "sakeystate"],
-        cwd=tmp_path,
-        env=ansible_environ(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = ansible_tool(tmp_path, "ansible-doc", "-M", str(LIBRARY), "sakeystate")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     for section in ("OPTIONS", "EXAMPLES", "RETURN VALUES", "state_file", "run_reload"):
