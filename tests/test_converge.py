@@ -595,3 +595,17 @@ def test_the_endpoint_that_answered_is_asked_first_next_time(env: Env) -> None:
         before = store.requests
         store.read(env.prefix)
         assert store.requests == before + 1  # straight to the live member
+
+
+def test_a_trusted_key_gone_from_etcd_is_shown_and_its_removal_named(env: Env) -> None:
+    kids = three_planes(env)
+    assert env.cli("converge", "--at", AT).code == 0
+    env.etcd.client.delete(env.prefix + kids[0])
+    table = env.cli("inspect", "--at", AT)
+    row = next(line for line in table.out.splitlines() if line.startswith(kids[0]))
+    assert " bundle-only " in row and "not published in etcd" in row
+    plan = json.loads(env.cli("plan", "--at", AT, "--format", "json").out)
+    removal = next(a for a in plan["actions"] if a.get("kid") == kids[0])
+    assert removal["op"] == "remove"
+    assert removal["reason"].startswith("not published in etcd; tokens with kid")
+    assert any(f"trusted key {kids[0]}" in w and "not published" in w for w in plan["warnings"])
