@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sakeystate import bundle
-from sakeystate.errors import EtcdError, ReloadFailed, SakeystateError
+from sakeystate.errors import EtcdError, Refused, ReloadFailed
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
@@ -24,14 +24,6 @@ from sakeystate.state import DesiredState
 
 # A guarded write that loses a race is re-planned from a fresh read this often.
 MAX_ATTEMPTS = 5
-
-
-class RefusedPlan(SakeystateError):
-    """The plan was computed but breaks a safety rule; nothing was written."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        super().__init__("refusing to converge: " + "; ".join(plan.refusals))
 
 
 def observe(
@@ -79,7 +71,7 @@ def converge(
         for _attempt in range(MAX_ATTEMPTS):
             current = observe_and_plan(desired, store, at, allow_removals)
             if current.refusals:
-                raise RefusedPlan(current)
+                raise Refused(current)
             if apply_etcd(store, current):
                 break
         else:

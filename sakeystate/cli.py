@@ -100,15 +100,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_converge(args: argparse.Namespace) -> int:
-    from sakeystate.apply import RefusedPlan, converge
-    from sakeystate.errors import ReloadFailed
+    from sakeystate.apply import converge
+    from sakeystate.errors import Refused, ReloadFailed
     from sakeystate.etcd import EtcdStore
 
     desired = _load(args)
     with EtcdStore(desired.etcd) as store:
         try:
             applied = converge(desired, store, _at(args.at), args.allow_removals)
-        except RefusedPlan as exc:
+        except Refused as exc:
             # Nothing was written: show what would have been, and why it was refused.
             _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)])
             raise

@@ -36,6 +36,10 @@ class BundleError(SakeystateError):
 class Refused(SakeystateError):
     """The plan breaks a safety rule (min_keys, max_removals); nothing was written."""
 
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        super().__init__("refusing to converge: " + "; ".join(plan.refusals))
+
 
 class ReloadFailed(SakeystateError):
     """The reload command failed or timed out; the next run retries it."""

@@ -532,7 +532,7 @@ def plan(
             )
         )
     write_bundle = content != bundle.content
-    key_set_changed = bundle.content is None or set(kids_before) != set(kids_after)
+    key_set_changed = bundle.content is None or before_set != after_set
     if write_bundle and not key_set_changed:
         actions.append(
             Action(

@@ -179,8 +179,8 @@ from typing import Any
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from sakeystate.apply import RefusedPlan, converge, observe_and_plan
-    from sakeystate.errors import ReloadFailed, SakeystateError
+    from sakeystate.apply import converge, observe_and_plan
+    from sakeystate.errors import Refused, ReloadFailed, SakeystateError
     from sakeystate.etcd import EtcdStore
     from sakeystate.keys import parse_time
     from sakeystate.model import Delete, Put
@@ -242,7 +242,7 @@ def run(module: AnsibleModule) -> None:
             if module.check_mode:
                 plan = observe_and_plan(desired, store, at, params["allow_removals"])
                 if plan.refusals:
-                    raise RefusedPlan(plan)
+                    raise Refused(plan)
             else:
                 plan = converge(
                     desired,
@@ -251,7 +251,7 @@ def run(module: AnsibleModule) -> None:
                     allow_removals=params["allow_removals"],
                     run_reload=params["run_reload"],
                 )
-    except (RefusedPlan, ReloadFailed) as exc:
+    except (Refused, ReloadFailed) as exc:
         failed: Any = exc.plan
         if failed is None:
             module.fail_json(msg=str(exc))
