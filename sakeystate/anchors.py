@@ -130,6 +130,12 @@ def _verifier(ca_pems: bytes, name: str, moment: datetime) -> ClientVerifier:
     )
 
 
+@lru_cache(maxsize=64)
+def _host_set(hosts: tuple[str, ...]) -> frozenset[str]:
+    """An anchor's hosts, lower-cased once (DNS names are case-insensitive)."""
+    return frozenset(name.lower() for name in hosts)
+
+
 def _display_name(name: x509.Name) -> str:
     """A CA as people name it: its CN, else the whole distinguished name."""
     common_names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -226,7 +232,7 @@ def _check(
     anchor: Anchor, leaf_pem: bytes, intermediates: Sequence[bytes], host: str, at: datetime
 ) -> tuple[str, str | None]:
     """("", issuer) when the anchor certifies the value, else (reason, None)."""
-    if host.lower() not in {name.lower() for name in anchor.hosts}:
+    if host.lower() not in _host_set(anchor.hosts):
         return f"host {host} not in the anchor's hosts", None
     parsed = _parse_certificates(leaf_pem, intermediates)
     if isinstance(parsed, str):
@@ -243,7 +249,8 @@ def _check(
         ), None
     try:
         problem = _binding_problem(anchor, leaf, host)
-        issuer = _display_name((verified[1] if len(verified) > 1 else verified[0]).subject)
+        # A chain of one: the ca_file lists the leaf itself; its issuer is still the CA.
+        issuer = _display_name(verified[1].subject if len(verified) > 1 else leaf.issuer)
     except _BAD_INPUT as exc:
         return f"leaf certificate cannot be read: {exc}", None
     if problem is not None:

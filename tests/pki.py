@@ -34,6 +34,8 @@ from sakeystate.keys import kid_of
 
 from support import T0
 
+__all__ = ["T0", "Ca", "Leaf", "Pki", "host", "new_key", "pem", "self_signed"]
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 DOMAIN = "example.org"
 _CURVES: dict[str, ec.EllipticCurve] = {
@@ -82,12 +84,13 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attributes)
 
 
-def _signing_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def _signing_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     """The hash cfssl pairs with the issuer's key (ECDSA-SHA384 for P-384, SHA-256 for RSA)."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[
-            key.curve.key_size
-        ]
+        size = key.curve.key_size
+        return (
+            hashes.SHA512() if size == 521 else hashes.SHA384() if size == 384 else hashes.SHA256()
+        )
     return hashes.SHA256()
 
 
@@ -179,7 +182,9 @@ def _build(
     not_before: datetime,
     not_after: datetime,
     extensions: list[tuple[x509.ExtensionType, bool]],
+    aki: bool = True,
 ) -> x509.Certificate:
+    """A certificate as cfssl writes one: SKI always, AKI unless self-signed (or ``aki=False``)."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -190,7 +195,7 @@ def _build(
         .not_valid_after(not_after)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
-    if subject != issuer_name:
+    if aki and subject != issuer_name:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,
@@ -200,11 +205,16 @@ def _build(
     return builder.sign(issuer_key, _signing_hash(issuer_key))
 
 
-def _ca_extensions(pathlen: int | None) -> list[tuple[x509.ExtensionType, bool]]:
-    return [
+def _ca_extensions(
+    pathlen: int | None, eku: str | None = None
+) -> list[tuple[x509.ExtensionType, bool]]:
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
         (x509.BasicConstraints(ca=True, path_length=pathlen), True),
         (_key_usage(signing=pathlen is not None, encipherment=False, cert_sign=True), True),
     ]
+    if eku is not None:
+        extensions.append((x509.ExtendedKeyUsage([_EKUS[eku]]), False))
+    return extensions
 
 
 @dataclass
@@ -242,9 +252,10 @@ class Pki:
         not_after: datetime | None = None,
         pathlen: int | None = 0,
         parent: Ca | None = None,
+        eku: str | None = None,
     ) -> Ca:
-        """The cluster's intermediate CA (one per name; dates only count the first time)."""
-        label = f"{cluster}/{not_before}/{not_after}/{pathlen}/{parent and parent.cn}"
+        """The cluster's intermediate CA: one per distinct set of arguments, made once."""
+        label = f"{cluster}/{not_before}/{not_after}/{pathlen}/{parent and parent.cn}/{eku}"
         if label not in self._intermediates:
             issuer = parent or self.root
             key = _ca_key(f"{self.org}/{label}")
@@ -255,7 +266,7 @@ class Pki:
                 issuer.key,
                 not_before or T0 - timedelta(days=3 * 365),
                 not_after or T0 + timedelta(days=5 * 365),
-                _ca_extensions(pathlen),
+                _ca_extensions(pathlen, eku),
             )
             self._intermediates[label] = Ca(cert, key, issuer)
         return self._intermediates[label]
@@ -283,6 +294,7 @@ class Pki:
         curve: str = "p521",
         org: str | None = None,
         issuer: Ca | None = None,
+        aki: bool = True,
     ) -> Leaf:
         """A certificate the intermediate issues; ``host`` adds the host's FQDN as DNS SAN."""
         key = key or new_key(curve)
@@ -306,6 +318,7 @@ class Pki:
             not_before or T0 - timedelta(days=30),
             not_after or T0 + timedelta(days=365),
             extensions,
+            aki,
         )
         return Leaf(cert, key, issuer)
 

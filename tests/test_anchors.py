@@ -100,6 +100,26 @@ def test_without_common_name_the_hosts_serving_certificate_is_trusted() -> None:
     )
 
 
+def test_leaf_with_any_eku_or_none_and_no_aki_is_trusted() -> None:
+    """The verifier's web-PKI profile is relaxed for these only: cfssl profiles differ there."""
+    for leaf in (
+        PKI.sa(eku="client"),
+        PKI.sa(eku="server"),
+        PKI.sa(aki=False),
+        PKI.sa(issuer=PKI.intermediate("server-only", eku="server")),
+    ):
+        issuer = leaf.issuer
+        assert issuer is not None
+        expected = f"anchor {NAME}: certificate for {host(1001)} issued by {issuer.cn}"
+        assert check(SA, leaf, host(1001)) == Verdict(True, expected, issuer.cn)
+
+
+def test_ca_file_listing_the_leaf_itself_trusts_it_naming_its_issuer() -> None:
+    leaf = PKI.sa()
+    anchor = Anchor(NAME, leaf.pem, FLEET, "sa")
+    assert check(anchor, leaf, host(1002), intermediates=()) == trusted_for(host(1002))
+
+
 # --- not trusted --------------------------------------------------------------------------
 
 
