@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -109,6 +109,7 @@ class EntryValue:
     key: KeyInfo
     host: str | None = None
     published: datetime | None = None
+    intermediates: tuple[bytes, ...] = ()  # CERTIFICATE blocks stored after the leaf
 
 
 def _check_accepted(public_key: object) -> tuple[PublicKey, str]:
@@ -186,6 +187,27 @@ def parse_key_pem(pem: bytes) -> KeyInfo:
     return KeyInfo(kid=_kid_of_der(der), algorithm=algorithm, public_pem=_pem_of_der(der))
 
 
+def parse_key_file(pem: bytes) -> tuple[KeyInfo, tuple[bytes, ...]]:
+    """A leaf (CERTIFICATE or PUBLIC KEY) and the intermediates stored after it."""
+    return parse_key_pem(pem), ()
+
+
+def names_of(key: KeyInfo) -> tuple[str, ...]:
+    """The host names a certificate gives: DNS SANs, or a fully qualified CN."""
+    if key.certificate_pem is None:
+        return ()
+    cert = x509.load_pem_x509_certificate(key.certificate_pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [n.lower() for n in sans.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    cns = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    if cns and "." in str(cns[0].value):
+        names.append(str(cns[0].value).lower())
+    return tuple(dict.fromkeys(names))
+
+
 def parse_value(data: bytes) -> EntryValue:
     """An etcd value: ``Host:``/``Published:`` header lines, then one PEM block."""
     if len(data) > MAX_VALUE_BYTES:
@@ -223,15 +245,30 @@ def parse_value(data: bytes) -> EntryValue:
     return EntryValue(key=key, host=headers.get("Host") or None, published=published)
 
 
-def render_value(key: KeyInfo, host: str | None, published: datetime | None) -> bytes:
-    """The etcd value for a key: headers, then the certificate (or public key) PEM."""
+def render_value(
+    key: KeyInfo,
+    host: str | None,
+    published: datetime | None,
+    intermediates: tuple[bytes, ...] = (),
+) -> bytes:
+    """The etcd value for a key: headers, the certificate (or public key) PEM, then the
+    certificate's intermediates, so ``openssl x509`` still reads the leaf."""
     lines = []
     if host:
         lines.append(f"Host: {host}\n")
     if published is not None:
         lines.append(f"Published: {format_time(published)}\n")
     body = key.certificate_pem if key.certificate_pem is not None else key.public_pem
-    return "".join(lines).encode("ascii") + body
+    return "".join(lines).encode("ascii") + body + b"".join(intermediates)
+
+
+def saturating_add(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, or the last (first) representable moment instead of overflowing:
+    a certificate's notAfter of 9999-12-31 plus a grace is "never"."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return (datetime.max if delta > timedelta(0) else datetime.min).replace(tzinfo=UTC)
 
 
 def parse_pem_bundle(

@@ -160,7 +160,6 @@ def state_data(
         "bundle": {"path": str(bundle_path)},
         "trusted": entries,
         "retention": {
-            "expired_grace": "24h",
             "superseded_grace": "8760h",
             "min_keys": 1,
             "max_removals": 2,
@@ -186,12 +185,44 @@ class Result:
     err: str
 
 
+# Commands that refuse --at (they write, so they always act as of now). The tests' own
+# clock stands in for "now" for them: `run_cli("converge", "--at", T)` runs converge
+# in-process with the CLI's clock set to T, as if the test ran at that moment.
+_WRITERS = {"converge", "publish", "reload-done", "watch"}
+
+
+@contextlib.contextmanager
+def clock(at: datetime | None) -> Iterator[None]:
+    """The CLI's notion of now, for in-process runs (a test's frozen clock)."""
+    if at is None:
+        yield
+        return
+    import sakeystate.cli
+
+    real = sakeystate.cli._now
+    sakeystate.cli._now = lambda: at
+    try:
+        yield
+    finally:
+        sakeystate.cli._now = real
+
+
+def _split_clock(args: list[str]) -> tuple[list[str], datetime | None]:
+    if not args or args[0] not in _WRITERS or "--at" not in args:
+        return args, None
+    from sakeystate.keys import parse_time
+
+    index = args.index("--at")
+    return args[:index] + args[index + 2 :], parse_time(args[index + 1])
+
+
 def run_cli(*args: str) -> Result:
     """Run the CLI in-process (fast); exit code, stdout and stderr as a user sees them."""
+    argv, at = _split_clock(list(args))
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), clock(at):
         try:
-            code = cli_main(list(args))
+            code = cli_main(argv)
         except SystemExit as exc:  # argparse usage errors
             code = int(exc.code or 0)
     return Result(code, out.getvalue(), err.getvalue())

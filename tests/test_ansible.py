@@ -199,14 +199,14 @@ def test_diff_shows_bundle_kids_before_after_and_etcd_deletes(env: Env) -> None:
 
 def test_invalid_state_fails_the_task_with_the_schema_error(env: Env) -> None:
     data = state_data(env.etcd.url, env.prefix, env.bundle, [])
-    data["retention"]["expired_grace"] = "1 day"
+    data["retention"]["superseded_grace"] = "1 day"
     data["colour"] = "blue"
 
     inline = run_module(env.tmp, {"state": data})
     assert inline.code == 2, inline
     assert "fatal: [localhost]: FAILED!" in inline.out
     assert "colour: unknown field; allowed here: apiVersion" in inline.out
-    assert "retention.expired_grace: '1 day' is not valid: expected a number and a unit" in (
+    assert "retention.superseded_grace: '1 day' is not valid: expected a number and a unit" in (
         inline.out
     )
     assert env.bundle_bytes() is None
