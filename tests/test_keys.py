@@ -112,20 +112,26 @@ def test_malformed_values_are_rejected(value: bytes, message: str) -> None:
         parse_value(value)
 
 
-def test_two_pem_blocks_and_truncated_pem_are_rejected() -> None:
+def test_an_unrelated_second_certificate_and_truncated_pem_are_rejected() -> None:
+    """Revision 1 refused any second block; now only a real intermediate may follow (R6)."""
     cert = make_cert(private_key("ec256"), "a.example.org")
-    with pytest.raises(KeyRejected, match="2 PEM blocks"):
+    with pytest.raises(
+        KeyRejected, match="is not a CA certificate, so it cannot be an intermediate"
+    ):
         parse_value(cert + cert)
     with pytest.raises(KeyRejected, match=r"truncated|malformed"):
         parse_value(cert[: len(cert) // 2])
 
 
-def test_legacy_bundle_of_certificates_is_read_with_problems_reported() -> None:
+def test_legacy_bundle_of_certificates_loads_what_kube_apiserver_loads() -> None:
+    """An RSA-1024 certificate is a key kube-apiserver verifies with: it is in the bundle (R10)."""
     a, b = private_key("ec256"), private_key("rsa1024")
     keys, problems = parse_pem_bundle(make_cert(a, "a.example.org") + make_cert(b, "b.example.org"))
-    assert [k.kid for k in keys] == [kid(a)]
+    assert [k.kid for k in keys] == [kid(a), kid(b)]
+    assert [k.algorithm for k in keys] == ["ECDSA-P-256", "RSA-1024"]
     assert problems == [
-        "block 2: RSA key of 1024 bits is too short (kube-apiserver needs at least 2048)"
+        "block 2: RSA key of 1024 bits is too short (kube-apiserver needs at least 2048); "
+        "kube-apiserver loads it anyway"
     ]
 
 
