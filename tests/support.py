@@ -257,3 +257,33 @@ def der_to_pem(der: bytes, label: str = "CERTIFICATE") -> bytes:
     body = base64.b64encode(der)
     lines = b"".join(body[i : i + 64] + b"\n" for i in range(0, len(body), 64))
     return f"-----BEGIN {label}-----\n".encode() + lines + f"-----END {label}-----\n".encode()
+
+
+def der_element(tag: int, content: bytes) -> bytes:
+    """One DER element (definite length)."""
+    size = len(content)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def der_children(element: bytes) -> tuple[int, list[bytes]]:
+    """(tag, child elements) of one constructed DER element, for test surgery."""
+    tag, pos = element[0], 2
+    size = element[1]
+    if size & 0x80:
+        count = size & 0x7F
+        size, pos = int.from_bytes(element[2 : 2 + count], "big"), 2 + count
+    content, children = element[pos : pos + size], []
+    while content:
+        head = 2
+        length = content[1]
+        if length & 0x80:
+            count = length & 0x7F
+            length, head = int.from_bytes(content[2 : 2 + count], "big"), 2 + count
+        children.append(content[: head + length])
+        content = content[head + length :]
+    return tag, children
