@@ -705,9 +705,14 @@ def _go_pem_decode(
     and the scan resumes after its header lines. A block byte-identical to a
     ``known`` PEM is returned as that key without decoding its base64 again
     (it is valid base64 by construction).
+
+    Linear time on hostile input, where this version of Go is quadratic: the next
+    END is searched once, not once per BEGIN, and a body holding a ``-`` (never
+    base64) fails without being decoded. Both shortcuts give Go's result.
     """
     rest = pos
     size = len(data)
+    next_end = -2  # the first "\n-----END " at or after the last search start; -1: none
     while True:
         if data.startswith(_BEGIN, rest):
             rest += len(_BEGIN)
@@ -733,10 +738,11 @@ def _go_pem_decode(
         if not headers and data.startswith(_END, rest):
             end_index, trailer = rest, rest + len(_END)
         else:
-            end_index = data.find(b"\n" + _END, rest)
-            if end_index < 0:
-                continue
-            trailer = end_index + 1 + len(_END)
+            if next_end == -2 or 0 <= next_end < rest:
+                next_end = data.find(b"\n" + _END, rest)
+            if next_end < 0:
+                return None  # Go tries each later BEGIN and finds no END for any of them
+            end_index, trailer = next_end, next_end + 1 + len(_END)
         trailer_end = trailer + len(label) + len(_DASHES)
         if trailer_end > size:
             continue
@@ -746,11 +752,13 @@ def _go_pem_decode(
             continue
         if _get_line(data, trailer_end)[0]:
             continue
-        end_line = end_index if data.startswith(_END, end_index) else end_index + 1
-        block_end = _get_line(data, end_line)[1]
+        # Go: getLine(rest[endIndex+len(pemEnd)-1:]), the rest of the END line.
+        block_end = _get_line(data, end_index + len(_END))[1]
         seen = known.get(data[start:block_end]) if known else None
         if seen is not None:
             return _Block(label, b"", start, block_end, seen)
+        if data.find(b"-", rest, end_index) >= 0:
+            continue
         der = _go_base64(data[rest:end_index].translate(None, b" \t"))
         if der is None:
             continue
@@ -785,10 +793,20 @@ def _go_private_public_key(der: bytes, second_tag: int) -> PublicKey | None:
         # Go derives the public key from the scalar; the embedded point is ignored.
         value = private.private_numbers().private_value
         return ec.derive_private_key(value, private.curve).public_key()
+    if second_tag == 0x30 and _oid(_pkcs8_algorithm(der)) != _OID_RSA:
+        return None  # Go's ParsePKCS8PrivateKey knows no RSA-PSS; ECDSA is not RSA
     private = serialization.load_der_private_key(der, None)
     if isinstance(private, rsa.RSAPrivateKey):
         return private.public_key()
     return None
+
+
+def _pkcs8_algorithm(der: bytes) -> bytes:
+    """The algorithm OID content of a PKCS#8 PrivateKeyInfo."""
+    _tag, start, end = _tlv(der, 0, len(der))
+    algorithm = _children(der, start, end)[1]
+    oid = _children(der, algorithm.start, algorithm.end)[0]
+    return der[oid.start : oid.end]
 
 
 def _go_load(der: bytes) -> tuple[PublicKey, x509.Certificate | None, str] | None:
@@ -818,7 +836,6 @@ def _go_load(der: bytes) -> tuple[PublicKey, x509.Certificate | None, str] | Non
     if len(fields) != 3 or not _go_pkix_is_rsa_or_ecdsa(_cert_spki(der)):
         return None
     cert = x509.load_der_x509_certificate(der)
-    _cert_facts(cert)  # Go's ParseCertificate fails on duplicate or malformed extensions
     cert_key = cert.public_key()
     return (cert_key, cert, "certificate") if isinstance(cert_key, PublicKey) else None
 
@@ -836,6 +853,7 @@ def _bundle_key(block: _Block, number: int, problems: list[str]) -> KeyInfo | No
             spki = _spki_der(public)
             info = KeyInfo(_kid_of_der(spki), _algorithm_name(public), _pem_of_der(spki))
         else:
+            # Raises on duplicate or malformed extensions, as Go's ParseCertificate fails.
             facts = _cert_facts(cert)
             info = _cert_key_info(cert, _pem_of_der(block.der, b"CERTIFICATE"), public, facts)
             if facts[0]:

@@ -286,3 +286,17 @@ def test_random_headers_only_ever_raise_key_rejected(headers: list[tuple[str, st
         return
     assert len(text + CERT) <= MAX_VALUE_BYTES
     assert value.host is None or value.host.isascii()
+
+
+def test_bundle_of_many_unterminated_begin_lines_is_read_in_linear_time() -> None:
+    """Go's older pem.Decode rescans to the end per BEGIN (quadratic): this would take hours.
+
+    Not a timing assertion: a quadratic reader makes this test hang instead of pass.
+    """
+    begin = b"-----BEGIN A-----\n"
+    assert parse_pem_bundle(begin * 200_000) == ([], ["no PEM block found"])
+    keys, problems = parse_pem_bundle(begin * 200_000 + b"-----END A-----\n")
+    assert keys == [] and problems == ["block 1 ('A'): not a key kube-apiserver loads; skipped"]
+    headed = b"-----BEGIN A-----\nk: v\n" * 100_000 + b"\n-----END B-----\n" + CERT
+    keys, _problems = parse_pem_bundle(headed)
+    assert [k.kid for k in keys] == [kid(private_key("ec256", 403))]
