@@ -420,6 +420,8 @@ def parse_key_file(pem: bytes) -> tuple[KeyInfo, tuple[bytes, ...]]:
     certificates up the chain. A CA certificate is never the leaf, a private key
     is never anywhere.
     """
+    if len(pem) > MAX_VALUE_BYTES:
+        raise KeyRejected(f"{len(pem)} bytes, over the {MAX_VALUE_BYTES}-byte limit")
     blocks = _pem_blocks(pem)
     label, block = blocks[0]
     if label not in ("CERTIFICATE", "PUBLIC KEY"):
@@ -705,6 +707,10 @@ def _go_pem_decode(
     and the scan resumes after its header lines. A block byte-identical to a
     ``known`` PEM is returned as that key without decoding its base64 again
     (it is valid base64 by construction).
+
+    Ported from the loop that Go 1.19 (the version tests/go/keyload builds) shares
+    with later releases up to 2025's linear rewrite, which picks the same blocks
+    for every layout a writer produces.
 
     Linear time on hostile input, where this version of Go is quadratic: the next
     END is searched once, not once per BEGIN, and a body holding a ``-`` (never

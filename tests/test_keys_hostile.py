@@ -300,3 +300,8 @@ def test_bundle_of_many_unterminated_begin_lines_is_read_in_linear_time() -> Non
     headed = b"-----BEGIN A-----\nk: v\n" * 100_000 + b"\n-----END B-----\n" + CERT
     keys, _problems = parse_pem_bundle(headed)
     assert [k.kid for k in keys] == [kid(private_key("ec256", 403))]
+
+
+def test_oversized_key_file_is_refused_before_parsing() -> None:
+    with pytest.raises(KeyRejected, match="over the 65536-byte limit"):
+        parse_key_file(CERT + b"\n" * MAX_VALUE_BYTES)
