@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -305,3 +305,11 @@ def test_bundle_of_many_unterminated_begin_lines_is_read_in_linear_time() -> Non
 def test_oversized_key_file_is_refused_before_parsing() -> None:
     with pytest.raises(KeyRejected, match="over the 65536-byte limit"):
         parse_key_file(CERT + b"\n" * MAX_VALUE_BYTES)
+
+
+def test_format_time_saturates_instead_of_overflowing_and_writes_four_digit_years() -> None:
+    west = timezone(-timedelta(hours=1))
+    east = timezone(timedelta(hours=1))
+    assert format_time(datetime(9999, 12, 31, 23, 30, tzinfo=west)) == "9999-12-31T23:59:59Z"
+    assert format_time(datetime(1, 1, 1, 0, 30, tzinfo=east)) == "0001-01-01T00:00:00Z"
+    assert format_time(datetime(999, 2, 3, 4, 5, 6, tzinfo=UTC)) == "0999-02-03T04:05:06Z"
