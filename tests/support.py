@@ -235,3 +235,86 @@ def run_sakeystate(*args: str, timeout: float = 60) -> Result:
         [str(exe), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- certificate chains and hostile DER (keys tests) ------------------------------------------
+
+
+def make_chained_cert(
+    key: Any,
+    subject_cn: str,
+    issuer_key: Any | None = None,
+    issuer_cn: str | None = None,
+    ca: bool | None = None,
+    dns_names: tuple[str, ...] = (),
+    not_after: datetime | None = None,
+) -> bytes:
+    """A certificate PEM for ``key`` signed by ``issuer_key`` (self-signed without one).
+
+    ``ca`` adds basicConstraints (True: a CA, False: an end entity, None: no extension);
+    ``dns_names`` adds a SAN. Enough to build a cfssl-like root -> intermediate -> leaf.
+    """
+    issuer_key = issuer_key or key
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn or subject_cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=30))
+        .not_valid_after(not_after or T0 + timedelta(days=365))
+    )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+    if dns_names:
+        names = [x509.DNSName(n) for n in dns_names]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def pem_to_der(pem: bytes) -> bytes:
+    """The DER of the first PEM block (strict, for test fixtures only)."""
+    import base64
+
+    body = b"".join(line for line in pem.splitlines() if line and not line.startswith(b"-----"))
+    return base64.b64decode(body)
+
+
+def der_to_pem(der: bytes, label: str = "CERTIFICATE") -> bytes:
+    import base64
+
+    body = base64.b64encode(der)
+    lines = b"".join(body[i : i + 64] + b"\n" for i in range(0, len(body), 64))
+    return f"-----BEGIN {label}-----\n".encode() + lines + f"-----END {label}-----\n".encode()
+
+
+def der_element(tag: int, content: bytes) -> bytes:
+    """One DER element (definite length)."""
+    size = len(content)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def der_children(element: bytes) -> tuple[int, list[bytes]]:
+    """(tag, child elements) of one constructed DER element, for test surgery."""
+    tag, pos = element[0], 2
+    size = element[1]
+    if size & 0x80:
+        count = size & 0x7F
+        size, pos = int.from_bytes(element[2 : 2 + count], "big"), 2 + count
+    content, children = element[pos : pos + size], []
+    while content:
+        head = 2
+        length = content[1]
+        if length & 0x80:
+            count = length & 0x7F
+            length, head = int.from_bytes(content[2 : 2 + count], "big"), 2 + count
+        children.append(content[: head + length])
+        content = content[head + length :]
+    return tag, children
