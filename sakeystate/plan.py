@@ -151,6 +151,7 @@ class Plan:
     write_jwks: bool = False
     host: str | None = None
     verified_kids: tuple[str, ...] = ()  # what this host's apiserver verifies after the plan
+    next_event: datetime | None = None  # the next moment at which time alone changes the plan
 
     @property
     def changed(self) -> bool:
@@ -217,6 +218,7 @@ class _Work:
     bundle_hosts: dict[str, str] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)  # host -> its current kid
     excluded: str | None = None
+    events: list[datetime] = field(default_factory=list)  # when time alone changes the plan
 
 
 def render_bundle(keys: Iterable[BundledKey]) -> bytes:
@@ -484,6 +486,7 @@ def _supersede(work: _Work, items: list[_Key], local: LocalFacts) -> None:
 
 
 def _upcoming(work: _Work, key: _Key, drop_at: datetime, why: str) -> None:
+    work.events.append(drop_at)
     if (drop_at - work.at).days < UPCOMING_WINDOW_DAYS:
         work.warnings.append(
             f"key {key.kid} ({key.host or 'unknown host'}) will be dropped on "
@@ -885,7 +888,18 @@ def plan(
         host=desired.host,
         verified_kids=tuple(sorted(verified)),
         bundle_changed=key_set_changed,
+        next_event=_next_event(work),
     )
+
+
+def _next_event(work: _Work) -> datetime | None:
+    """The first retention removal or certificate start after ``at`` (what ``watch``
+    sleeps until); certificate starts and ends change warnings and trust verdicts."""
+    moments = list(work.events)
+    for key in work.keys.values():
+        moments += [m for m in (key.info.not_before, key.info.not_after) if m is not None]
+    future = [m for m in moments if m > work.at]
+    return min(future) if future else None
 
 
 # --- status records -------------------------------------------------------------------------
