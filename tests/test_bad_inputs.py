@@ -297,7 +297,7 @@ def test_bad_etcd_value_is_reported_never_bundled_and_left_alone(
 def _tmpfs(size: str) -> Iterator[Path]:
     mountpoint = Path(tempfile.mkdtemp(prefix="sakeystate-tmpfs-"))
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mountpoint)],
         capture_output=True,
         check=False,
     )

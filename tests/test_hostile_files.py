@@ -1,0 +1,300 @@
+"""Files another local user, or a hostile certificate, could use against sakeystate.
+
+The bundle directory: temporaries are created exclusively under random names
+and stale ones of other users are left alone; a directory others can write to
+(world-writable, even sticky) is refused with a message naming it; a rewrite
+keeps the file's owner when none is configured; ``preflight`` finds every such
+problem without writing, in the words a write would fail with.
+adopt: CA certificates and certificates cryptography cannot read are
+rejections, never offered as keys, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from sakeystate import bundle
+from sakeystate.errors import BundleError
+from sakeystate.state import BundleConfig
+
+from conftest import Env
+from support import T0, kid, make_cert, private_key, run_cli
+
+AT = "2026-11-22T10:00:00Z"
+HOST = "ctrl1001.example.org"
+NOBODY = 65534  # another user: the files it plants must never be used or removed
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 and not os.environ.get("CI"), reason="chown to another user needs root"
+)
+
+
+def converged_once(env: Env, **bundle_settings: str) -> str:
+    """A cluster whose bundle was written once; returns the trusted kid."""
+    key_id = env.publish(private_key("ec256", 80), HOST)
+    env.state([key_id], bundle={"path": str(env.bundle), **bundle_settings})
+    assert env.cli("converge", "--at", AT).code == 0
+    return key_id
+
+
+def add_a_key(env: Env, first: str, **bundle_settings: str) -> None:
+    """Trust a second key, so the next converge rewrites the bundle."""
+    second = env.publish(private_key("ec256", 81), "ctrl1002.example.org")
+    env.state([first, second], bundle={"path": str(env.bundle), **bundle_settings})
+
+
+# --- temporary files ---------------------------------------------------------------------
+
+
+@needs_root
+def test_a_planted_temporary_is_neither_used_nor_removed(env: Env) -> None:
+    """Revision 1 opened ``.<bundle>.tmp-<pid>`` with O_TRUNC, so another user could own it."""
+    first = converged_once(env)
+    add_a_key(env, first)
+    planted = env.tmp / f".{env.bundle.name}.tmp-{os.getpid()}"
+    planted.write_bytes(b"attacker's file\n")
+    os.chown(planted, NOBODY, NOBODY)
+    planted.chmod(0o666)
+
+    assert env.cli("converge", "--at", AT).code == 0
+    assert planted.read_bytes() == b"attacker's file\n"
+    assert env.bundle.stat().st_uid != NOBODY and env.bundle.stat().st_ino != planted.stat().st_ino
+    assert b"PUBLIC KEY" in env.bundle.read_bytes()
+
+
+def test_a_stale_temporary_of_our_own_is_removed(env: Env) -> None:
+    first = converged_once(env)
+    stale = env.tmp / f".{env.bundle.name}.tmp-0123456789abcdef"
+    stale.write_bytes(b"left by a killed run")
+    add_a_key(env, first)
+    assert env.cli("converge", "--at", AT).code == 0
+    assert not stale.exists()
+    assert not [p for p in env.tmp.iterdir() if ".tmp-" in p.name]
+
+
+# --- directories others can write to ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775, 0o1770], ids=lambda m: f"{m:04o}")
+def test_a_directory_others_can_write_is_refused_naming_it(env: Env, mode: int) -> None:
+    shared = env.tmp / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    target = shared / "sa-certs.pem"
+    env.state([env.publish(private_key("ec256", 80), HOST)], bundle={"path": str(target)})
+
+    result = env.cli("converge", "--at", AT)
+    assert result.code == 1
+    expected = (
+        f"bundle directory {shared} is writable by group or others (mode {mode:04o}); "
+        f"refusing to write there, another user could replace what sakeystate writes "
+        f"(bundle.path {target})"
+    )
+    assert f"sakeystate: error: {expected}\n" in result.err
+    assert list(shared.iterdir()) == []  # not even the lock
+    assert bundle.preflight(BundleConfig(path=str(target))) == [expected]
+
+
+def test_a_world_writable_jwks_directory_is_refused(env: Env) -> None:
+    shared = env.tmp / "jwks"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    jwks = shared / "sa-jwks.json"
+    env.state(
+        [env.publish(private_key("ec256", 80), HOST)],
+        bundle={"path": str(env.bundle), "jwks_path": str(jwks)},
+    )
+    result = env.cli("converge", "--at", AT)
+    assert result.code == 1
+    assert f"JWKS directory {shared} is writable by group or others (mode 1777)" in result.err
+    assert f"(bundle.jwks_path {jwks})" in result.err
+    assert not jwks.exists()
+
+
+# --- owner and group ----------------------------------------------------------------------
+
+
+@needs_root
+def test_a_rewrite_keeps_the_owner_and_group_when_none_is_configured(env: Env) -> None:
+    first = converged_once(env, mode="0640")
+    os.chown(env.bundle, NOBODY, NOBODY)
+    add_a_key(env, first, mode="0640")
+
+    assert env.cli("converge", "--at", AT).code == 0
+    st = env.bundle.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o640)
+    assert env.bundle.read_bytes().count(b"BEGIN PUBLIC KEY") == 2
+
+
+# --- preflight: the same words as the write ------------------------------------------------
+
+
+def _write_error(config: BundleConfig) -> str:
+    """What a converge's writes raise, in the order a converge performs them."""
+    with pytest.raises(BundleError) as failure, bundle.locked(config, 1):
+        bundle.write(config, b"content\n")
+        if config.jwks_path:
+            bundle.write(config, b"{}\n", config.jwks_path)
+    return str(failure.value)
+
+
+def _cases(tmp: Path) -> dict[str, BundleConfig]:
+    (tmp / "victim").write_text("precious\n")
+    (tmp / "link.pem").symlink_to(tmp / "victim")
+    (tmp / "dir.pem").mkdir()
+    (tmp / "lock-link.pem.lock").symlink_to(tmp / "victim")
+    (tmp / "marker-link.pem.reload-pending").symlink_to(tmp / "victim")
+    return {
+        "missing directory": BundleConfig(path=str(tmp / "nope" / "sa.pem")),
+        "symlink": BundleConfig(path=str(tmp / "link.pem")),
+        "not a regular file": BundleConfig(path=str(tmp / "dir.pem")),
+        "lock is a symlink": BundleConfig(path=str(tmp / "lock-link.pem")),
+        "marker is a symlink": BundleConfig(path=str(tmp / "marker-link.pem")),
+        "unknown owner": BundleConfig(path=str(tmp / "a.pem"), owner="no-such-user-sakeystate"),
+        "unknown group": BundleConfig(path=str(tmp / "b.pem"), group="no-such-group-sakeystate"),
+        "jwks in a missing directory": BundleConfig(
+            path=str(tmp / "c.pem"), jwks_path=str(tmp / "nope" / "jwks.json")
+        ),
+    }
+
+
+WRITE_CASES = [
+    "missing directory",
+    "symlink",
+    "not a regular file",
+    "lock is a symlink",
+    "unknown owner",
+    "unknown group",
+    "jwks in a missing directory",
+]
+
+
+@pytest.mark.parametrize("case", WRITE_CASES)
+def test_preflight_predicts_the_write_failure_word_for_word(tmp_path: Path, case: str) -> None:
+    config = _cases(tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    problems = bundle.preflight(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # wrote nothing
+    assert problems, case
+    assert _write_error(config) == problems[0]
+    assert (tmp_path / "victim").read_text() == "precious\n"
+
+
+def test_preflight_lists_every_problem_and_the_marker(tmp_path: Path) -> None:
+    cases = _cases(tmp_path)
+    marker = cases["marker is a symlink"]
+    assert bundle.preflight(marker) == [
+        f"reload marker {marker.path}.reload-pending is a symlink; refusing to follow it"
+    ]
+    several = BundleConfig(
+        path=str(tmp_path / "link.pem"),
+        owner="no-such-user-sakeystate",
+        group="no-such-group-sakeystate",
+    )
+    assert bundle.preflight(several) == [
+        f"bundle {tmp_path / 'link.pem'} is a symlink; refusing to follow it",
+        "bundle.owner 'no-such-user-sakeystate' is not a user on this host",
+        "bundle.group 'no-such-group-sakeystate' is not a group on this host",
+    ]
+    assert bundle.preflight(BundleConfig(path=str(tmp_path / "fine.pem"))) == []
+
+
+# --- adopt: certificates that are not service-account keys ---------------------------------
+
+
+def _ca_cert(key: object) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=1))
+        .not_valid_after(T0 + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _duplicate_san_cert(key: object) -> bytes:
+    """A certificate with two subjectAltName extensions (cryptography will not build one).
+
+    Built with a SAN and an unknown extension holding the same bytes, whose OID
+    2.5.29.99 is then renamed to 2.5.29.17 (same length, so the DER stays well
+    formed; the signature no longer verifies, which parsing does not check).
+    """
+    san = x509.SubjectAlternativeName([x509.DNSName(HOST)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=1))
+        .not_valid_after(T0 + timedelta(days=365))
+        .add_extension(san, critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.99"), san.public_bytes()),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"\x06\x03\x55\x1d\x63") == 1
+    der = der.replace(b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11")
+    with pytest.raises(x509.DuplicateExtension):
+        _ = x509.load_der_x509_certificate(der).extensions
+    body = base64.b64encode(der)
+    lines = b"".join(body[i : i + 64] + b"\n" for i in range(0, len(body), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"-----END CERTIFICATE-----\n"
+
+
+def _adopt(env: Env, *args: str) -> tuple[int, dict[str, object], str]:
+    result = run_cli(
+        "adopt", "--endpoint", env.etcd.url, "--prefix", env.prefix, "--cluster", "c",
+        "--at", AT, "--bundle-path", str(env.bundle), *args,
+    )  # fmt: skip
+    assert "Traceback" not in result.err
+    return result.code, (yaml.safe_load(result.out) if result.code == 0 else {}), result.err
+
+
+def test_adopt_never_offers_a_ca_certificate(env: Env) -> None:
+    good = private_key("ec256", 82)
+    ca = private_key("ec384", 83)
+    env.publish(good, HOST)
+    env.etcd.put(env.prefix + kid(ca), f"Host: {HOST}\n".encode() + _ca_cert(ca))
+    env.bundle.write_bytes(make_cert(good, HOST) + _ca_cert(ca))
+
+    from_bundle = ("--from-bundle", str(env.bundle))
+    for source in ((), from_bundle, ("--no-etcd", *from_bundle)):
+        code, data, err = _adopt(env, *source)
+        assert code == 0, err
+        assert [t["fingerprint"] for t in data["trusted"]] == [kid(good)]  # type: ignore[index]
+        assert kid(ca) not in yaml.safe_dump(data)
+        assert "CA certificate (basicConstraints CA:TRUE)" in err
+
+
+def test_adopt_rejects_a_certificate_with_a_duplicate_extension(env: Env) -> None:
+    good = private_key("ec256", 82)
+    odd = private_key("ec256", 84)
+    env.publish(good, HOST)
+    env.etcd.put(env.prefix + kid(odd), f"Host: {HOST}\n".encode() + _duplicate_san_cert(odd))
+    env.bundle.write_bytes(make_cert(good, HOST) + _duplicate_san_cert(odd))
+
+    for source in ((), ("--no-etcd", "--from-bundle", str(env.bundle))):
+        code, data, err = _adopt(env, *source)
+        assert code == 0, err
+        assert [t["fingerprint"] for t in data["trusted"]] == [kid(good)]  # type: ignore[index]
+        assert "DuplicateExtension" in err
