@@ -12,11 +12,14 @@ rejections, never offered as keys, never a traceback.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
+import tracemalloc
 from datetime import timedelta
 from pathlib import Path
 
+import jwt
 import pytest
 import yaml
 from cryptography import x509
@@ -298,3 +301,154 @@ def test_adopt_rejects_a_certificate_with_a_duplicate_extension(env: Env) -> Non
         assert code == 0, err
         assert [t["fingerprint"] for t in data["trusted"]] == [kid(good)]  # type: ignore[index]
         assert "DuplicateExtension" in err
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+
+def _private_forms() -> dict[str, tuple[bytes, str]]:
+    """Private keys as people paste them, without a PEM header: (value, a secret substring)."""
+    enc, fmt = serialization.Encoding, serialization.PrivateFormat
+    ec_key, rsa_key, wrapped, encrypted, in_header = (
+        private_key("ec256", 90),
+        private_key("rsa2048", 91),
+        private_key("ec384", 92),
+        private_key("ec256", 93),
+        private_key("ec256", 94),
+    )
+    none = serialization.NoEncryption()
+    pkcs8 = base64.b64encode(ec_key.private_bytes(enc.DER, fmt.PKCS8, none))
+    pkcs1 = base64.b64encode(rsa_key.private_bytes(enc.DER, fmt.TraditionalOpenSSL, none))
+    body = base64.b64encode(wrapped.private_bytes(enc.DER, fmt.PKCS8, none))
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64)) + b"\n"
+    secret = encrypted.private_bytes(
+        enc.DER, fmt.PKCS8, serialization.BestAvailableEncryption(b"hunter2")
+    )
+    sealed = base64.urlsafe_b64encode(secret).rstrip(b"=")
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key))
+    host_blob = base64.b64encode(in_header.private_bytes(enc.DER, fmt.PKCS8, none))
+    return {
+        "ctrl2001.example.org": (pkcs8 + b"\n", pkcs8[20:68].decode()),
+        "ctrl2002.example.org": (pkcs1, pkcs1[20:68].decode()),
+        "ctrl2003.example.org": (lines, lines[70:110].decode()),
+        "ctrl2004.example.org": (sealed, sealed[20:68].decode()),
+        "ctrl2005.example.org": (json.dumps({"keys": [jwk]}).encode(), jwk["d"]),
+        kid(in_header): (
+            b"Host: " + host_blob + b"\n" + make_cert(in_header, HOST),
+            host_blob[20:68].decode(),
+        ),
+    }
+
+
+def test_snapshot_never_copies_private_key_material_in_any_form(env: Env) -> None:
+    """Redaction matched the text "PRIVATE KEY": headerless base64 and JWKs with "d" leaked."""
+    key_id = env.publish(private_key("ec256", 95), HOST)
+    env.state([key_id])
+    forms = _private_forms()
+    for name, (value, _secret) in forms.items():
+        env.etcd.put(env.prefix + name, value)
+    assert env.cli("converge", "--at", AT).code == 0
+
+    snap = env.cli("snapshot", "--at", AT)
+    assert snap.code == 0, snap.err
+    for name, (_value, secret) in forms.items():
+        assert secret not in snap.out, name
+    skipped = {e["key"]: e.get("skipped") for e in json.loads(snap.out)["entries"]}
+    assert all(skipped[env.prefix + name] for name in forms)
+    assert skipped[env.prefix + key_id] is None  # public material is copied
+
+    snapshot = env.tmp / "snap.json"
+    snapshot.write_text(snap.out)
+    for fmt in ("json", "text"):
+        live = env.cli("plan", "--at", AT, "--format", fmt)
+        offline = env.cli("plan", "--at", AT, "--format", fmt, "--observed", str(snapshot))
+        if fmt == "json":
+            # The value with a key in its Host header parsed live; offline it is redacted.
+            drop = env.prefix + kid(private_key("ec256", 94))
+            live_keys = [k for k in json.loads(live.out)["keys"] if k.get("etcd_key") != drop]
+            offline_keys = [k for k in json.loads(offline.out)["keys"] if k.get("etcd_key") != drop]
+            assert offline_keys == live_keys
+        assert offline.code == live.code == 0
+
+
+def test_snapshot_of_oversized_values_records_their_size_without_copying(env: Env) -> None:
+    key_id = env.publish(private_key("ec256", 96), HOST)
+    env.state([key_id])
+    for number in range(20):
+        env.etcd.put(env.prefix + f"ctrl3{number:03d}.example.org", b"y" * (1024 * 1024))
+    snap = env.cli("snapshot", "--at", AT)
+    assert snap.code == 0, snap.err
+    assert len(snap.out) < 64 * 1024
+    big = [e for e in json.loads(snap.out)["entries"] if e.get("skipped") == "too-large"]
+    assert len(big) == 20 and {e["size"] for e in big} == {1024 * 1024}
+    assert not any("value" in e or "value_base64" in e for e in big)
+
+    snapshot = env.tmp / "snap.json"
+    snapshot.write_text(snap.out)
+    live = env.cli("plan", "--at", AT, "--format", "json")
+    offline = env.cli("plan", "--at", AT, "--format", "json", "--observed", str(snapshot))
+    assert (offline.code, offline.out, offline.err) == (live.code, live.out, live.err)
+
+
+def test_snapshot_memory_does_not_grow_with_oversized_values() -> None:
+    from sakeystate.model import EtcdEntry, EtcdObservation
+    from sakeystate.snapshot import to_json
+
+    values = tuple(
+        EtcdEntry(f"/p/ctrl{n}.example.org", bytes([n]) * (1400 * 1024), n + 1) for n in range(30)
+    )
+    observed = EtcdObservation("/p/", 99, values)
+    tracemalloc.start()
+    try:
+        text = to_json(observed, "c", T0)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"{peak} bytes traced to snapshot 42 MB of oversized values"
+    assert len(text) < 16 * 1024
+
+
+def _snapshot_with(env: Env, entries: str, revision: str = "5") -> Path:
+    path = env.tmp / "hostile-snapshot.json"
+    path.write_text(
+        f'{{"version": 1, "cluster": "test", "prefix": "{env.prefix}", '
+        f'"revision": {revision}, "taken_at": "{AT}", "entries": {entries}}}'
+    )
+    return path
+
+
+HOSTILE_SNAPSHOTS = {
+    "nested 100k deep": ("[" * 100_000 + "]" * 100_000, "5", "nested too deeply"),
+    "mod_revision 1e400": ('[{"key": "/k", "value": "x", "mod_revision": 1e400}]', "5", "'inf'"),
+    "mod_revision a float": ('[{"key": "/k", "value": "x", "mod_revision": 1.5}]', "5", "1.5"),
+    "mod_revision a string": ('[{"key": "/k", "value": "x", "mod_revision": "7"}]', "5", "'7'"),
+    "mod_revision negative": ('[{"key": "/k", "value": "x", "mod_revision": -1}]', "5", "-1"),
+    "revision true": ("[]", "true", "revision 'True'"),
+    "revision huge": ("[]", "9" * 30, "revision"),
+    "key not a string": ('[{"key": 7, "value": "x", "mod_revision": 1}]', "5", "key"),
+    "entry not an object": ("[7]", "5", "an entry is not a JSON object"),
+    "entries not a list": ('{"a": 1}', "5", "entries is not a list"),
+    "skipped size absurd": (
+        '[{"key": "/k", "skipped": "too-large", "size": 1e18, "mod_revision": 1}]',
+        "5",
+        "size",
+    ),
+    "skipped kind unknown": (
+        '[{"key": "/k", "skipped": "other", "size": 3, "mod_revision": 1}]',
+        "5",
+        "unknown skipped kind",
+    ),
+    "value base64 invalid": ('[{"key": "/k", "value_base64": "%%", "mod_revision": 1}]', "5", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SNAPSHOTS))
+def test_a_hostile_snapshot_is_a_clear_error_naming_the_file(env: Env, case: str) -> None:
+    entries, revision, expect = HOSTILE_SNAPSHOTS[case]
+    env.state([])
+    path = _snapshot_with(env, entries, revision)
+    for command in ("plan", "inspect"):
+        result = env.cli(command, "--at", AT, "--observed", str(path))
+        assert result.code == 1, result
+        assert f"sakeystate: error: snapshot {path} is not a sakeystate snapshot: " in result.err
+        assert expect in result.err and "Traceback" not in result.err
