@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import stat
 import tracemalloc
 from datetime import timedelta
@@ -31,7 +32,7 @@ from sakeystate.errors import BundleError
 from sakeystate.state import BundleConfig
 
 from conftest import Env
-from support import T0, kid, make_cert, private_key, run_cli
+from support import T0, EtcdServer, free_port, kid, make_cert, private_key, run_cli
 
 AT = "2026-11-22T10:00:00Z"
 HOST = "ctrl1001.example.org"
@@ -452,3 +453,112 @@ def test_a_hostile_snapshot_is_a_clear_error_naming_the_file(env: Env, case: str
         assert result.code == 1, result
         assert f"sakeystate: error: snapshot {path} is not a sakeystate snapshot: " in result.err
         assert expect in result.err and "Traceback" not in result.err
+
+
+# --- etcd: endpoints and request sizes from the state file -------------------------------------
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_an_ipv6_endpoint_connects(env: Env, tmp_path: Path) -> None:
+    """``http://[::1]:2379`` lost its brackets on the way to gRPC and never connected."""
+    if not _ipv6_loopback():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have IPv6 loopback to test [::1] endpoints")
+        pytest.skip("no IPv6 loopback on this machine")
+    port = free_port()
+    both = f"http://127.0.0.1:{port},http://[::1]:{port}"
+    server = EtcdServer(str(tmp_path), client_port=port, extra_args=["--listen-client-urls", both])
+    server.start()
+    try:
+        key = private_key("ec256", 97)
+        env.state([kid(key)], etcd={"endpoints": [f"http://[::1]:{port}"], "timeout": "5s"})
+        publish = env.cli(
+            "publish",
+            "--cert",
+            str(_write(tmp_path / "sa.pem", make_cert(key, HOST))),
+            "--host",
+            HOST,
+        )
+        assert publish.code == 0, publish.err
+        result = env.cli("converge", "--at", AT, "--format", "json")
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["bundle"]["kids_after"] == [kid(key)]
+    finally:
+        server.stop()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://[::1]:70000"])
+def test_a_port_out_of_range_is_a_clear_error(env: Env, url: str) -> None:
+    env.state([], etcd={"endpoints": [url]})
+    for command in ("plan", "converge"):
+        result = env.cli(command, "--at", AT) if command == "plan" else env.cli(command)
+        assert result.code == 1
+        assert (
+            f"etcd endpoint {url!r} is not http(s)://host:port: the port is not a number"
+            in result.err
+        )
+        assert "Traceback" not in result.err
+
+
+def _large_cert(key: object, host: str, padding: int) -> bytes:
+    """A certificate of about ``padding`` bytes: a legacy value near etcd's size limits."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    filler = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x00" * padding
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=1))
+        .not_valid_after(T0 + timedelta(days=365))
+        .add_extension(filler, critical=False)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_forty_migrations_of_39_kb_values_go_through(env: Env) -> None:
+    """One transaction of 40 x 39 KB puts exceeded etcd's 1.5 MiB request limit."""
+    keys = [private_key("ec256", 100 + n) for n in range(40)]
+    hosts = [f"ctrl{4000 + n}.example.org" for n in range(40)]
+    for key, host in zip(keys, hosts, strict=True):
+        env.etcd.put(env.prefix + host, _large_cert(key, host, 29 * 1024))
+    assert min(len(v) for v in env.dump().values()) > 39 * 1000
+    env.state([(kid(k), h) for k, h in zip(keys, hosts, strict=True)])
+
+    result = env.cli("converge", "--at", AT, "--format", "json")
+    assert result.code == 0, result.err
+    assert sorted(env.dump()) == sorted(env.prefix + kid(k) for k in keys)
+    assert json.loads(result.out)["bundle"]["kids_after"] == sorted(kid(k) for k in keys)
+
+
+def test_batches_respect_the_request_size_as_well_as_the_operation_count() -> None:
+    from sakeystate.etcd import MAX_TXN_BYTES, MAX_TXN_OPS, batches
+    from sakeystate.model import Guard, Put
+
+    items = [((Guard(f"/k{n}", 0),), (Put(f"/k{n}", b"v" * 39_000),)) for n in range(40)]
+    packed = batches(items)
+    assert [w for _g, ws in packed for w in ws] == [w for _g, ws in items for w in ws]
+    assert all(sum(len(w.value) for w in ws) <= MAX_TXN_BYTES for _g, ws in packed)  # type: ignore[union-attr]
+    small = [((Guard(f"/k{n}", 0),), (Put(f"/k{n}", b"v"),)) for n in range(300)]
+    assert [len(ws) for _g, ws in batches(small)] == [
+        MAX_TXN_OPS,
+        MAX_TXN_OPS,
+        300 - 2 * MAX_TXN_OPS,
+    ]
