@@ -113,13 +113,7 @@ def base_document(o: Options, from_state: Mapping[str, Any] | None) -> dict[str,
     return data
 
 
-def _certificate(key: KeyInfo) -> x509.Certificate | None:
-    return (
-        None if key.certificate_pem is None else x509.load_pem_x509_certificate(key.certificate_pem)
-    )
-
-
-def _cert_facts(key: KeyInfo) -> str | None:
+def _cert_host(key: KeyInfo) -> str | None:
     """The host a certificate names (first DNS SAN, else its CN) when it is an FQDN.
 
     Raises KeyRejected for a CA certificate (never a service-account key) and
@@ -129,30 +123,37 @@ def _cert_facts(key: KeyInfo) -> str | None:
     classes (ValueError, DuplicateExtension, UnsupportedGeneralNameType, ...),
     every one of which must become a rejection, never a traceback.
     """
+    if key.certificate_pem is None:
+        return None
     try:
-        cert = _certificate(key)
-        if cert is None:
-            return None
-        try:
-            basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            basic = None
-        if basic is not None and basic.ca:
-            raise KeyRejected(
-                "a CA certificate (basicConstraints CA:TRUE) is not a service-account key"
-            )
-        names: list[str] = []
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            names += san.value.get_values_for_type(x509.DNSName)
-        except x509.ExtensionNotFound:
-            pass
-        names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    except KeyRejected:
-        raise
+        cert = x509.load_pem_x509_certificate(key.certificate_pem)
+        is_ca = _is_ca(cert)
+        names = _names(cert)
     except Exception as exc:  # any parse failure is a rejection: see the docstring
         raise KeyRejected(f"certificate cannot be read: {type(exc).__name__}: {exc}") from None
+    if is_ca:
+        raise KeyRejected(
+            "a CA certificate (basicConstraints CA:TRUE) is not a service-account key"
+        )
     return next((n for n in names if _FQDN_RE.match(n) and "." in n), None)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    """DNS SANs first, then the subject CNs."""
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names += san.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        pass
+    return names + [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
 def _from_etcd(
@@ -174,7 +175,7 @@ def _from_etcd(
             continue
         key = parse_value(values[report.etcd_key]).key
         try:
-            _cert_facts(key)
+            _cert_host(key)  # only for its refusals: the planner already named the host
         except KeyRejected as exc:
             warnings.append(f"etcd key {report.etcd_key} ({report.kid}): {exc}; not adopted")
             continue
@@ -211,7 +212,7 @@ def adopt(
                 warnings.append(f"bundle {bundle_source} block {number}: {info.kid} is revoked")
                 continue
             try:
-                host = _cert_facts(info)
+                host = _cert_host(info)
             except KeyRejected as exc:
                 warnings.append(f"bundle {bundle_source} block {number} ({info.kid}): {exc}")
                 continue
