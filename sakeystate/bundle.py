@@ -81,13 +81,13 @@ def _directory_problem(setting: str, path: str) -> str | None:
     return None
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def _lstat(path: str, what: str = "bundle") -> os.stat_result | None:
     try:
         return os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise BundleError(f"cannot stat bundle {path}: {_describe(exc)}") from None
+        raise BundleError(f"cannot stat {what} {path}: {_describe(exc)}") from None
 
 
 def _file_problem(path: str, st: os.stat_result, what: str = "bundle") -> str | None:
@@ -201,35 +201,41 @@ def preflight(config: BundleConfig) -> list[str]:
     functions, so a plan can predict a converge's failure word for word.
     """
     problems: list[str] = []
-    places = [("bundle.path", config.path)]
-    if config.jwks_path:
-        places.append(("bundle.jwks_path", config.jwks_path))
-    for setting, path in places:
-        problem = _directory_problem(setting, path)
-        if problem is not None:
+    for setting, value, path, what in _written_files(config):
+        problem = _directory_problem(setting, value) or _path_problem(path, what)
+        if problem is not None and problem not in problems:
             problems.append(problem)
-            continue
-        files = [(path, "bundle" if setting == "bundle.path" else "JWKS file")]
-        if setting == "bundle.path":
-            files += [(path + PENDING_SUFFIX, "reload marker"), (path + LOCK_SUFFIX, "lock")]
-        for file_path, what in files:
-            try:
-                st = _lstat(file_path)
-            except BundleError as exc:
-                problems.append(str(exc))
-                continue
-            if st is not None:
-                found = _lock_problem(file_path, st) if what == "lock" else None
-                found = found or _file_problem(file_path, st, what)
-                if found is not None:
-                    problems.append(found)
-    problems += _owner_problems(config)
-    return problems
+    return problems + _owner_problems(config)
+
+
+def _written_files(config: BundleConfig) -> list[tuple[str, str, str, str]]:
+    """(setting, its value, file, what the file is) for every file a converge may write."""
+    files = [
+        ("bundle.path", config.path, config.path + LOCK_SUFFIX, "lock"),
+        ("bundle.path", config.path, config.path + PENDING_SUFFIX, "reload marker"),
+        ("bundle.path", config.path, config.path, "bundle"),
+    ]
+    if config.jwks_path:
+        files.append(("bundle.jwks_path", config.jwks_path, config.jwks_path, "JWKS file"))
+    return files
+
+
+def _path_problem(path: str, what: str) -> str | None:
+    try:
+        st = _lstat(path, what)
+    except BundleError as exc:
+        return str(exc)
+    if st is None:
+        return None
+    return _lock_problem(path, st) if what == "lock" else _file_problem(path, st, what)
 
 
 def _lock_problem(path: str, st: os.stat_result) -> str | None:
-    problem = _file_problem(path, st, "lock")
-    return None if problem is None else f"cannot open lock {path}: {problem}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"cannot open lock {path}: it is a symlink; refusing to follow it"
+    if not stat.S_ISREG(st.st_mode):
+        return f"cannot open lock {path}: it is not a regular file"
+    return None
 
 
 def _temporary(path: str) -> tuple[str, int]:
@@ -259,17 +265,18 @@ def write_atomic(
     mode: int,
     uid: int = -1,
     gid: int = -1,
-    setting: str = "bundle.path",
+    setting: tuple[str, str] | None = None,
     what: str = "target",
 ) -> None:
     """Replace ``path`` with ``content``: the old or the new bytes, never a mix.
 
     ``uid``/``gid`` of -1 keep the replaced file's owner/group (a rewrite must not
     turn a kube-owned 0640 bundle into root's, which a non-root apiserver could
-    no longer read); a new file gets this process's.
+    no longer read); a new file gets this process's. ``setting`` is the state
+    field and value the directory comes from, named when it is unsafe.
     """
-    _require(_directory_problem(setting, path))
-    st = _lstat(path)
+    _require(_directory_problem(*(setting or ("bundle.path", path))))
+    st = _lstat(path, what)
     if st is not None:
         _check_regular(path, st, what)
         uid = st.st_uid if uid == -1 else uid
@@ -307,9 +314,10 @@ def write(config: BundleConfig, content: bytes, path: str | None = None) -> None
     """Write the bundle (or, with ``path``, the JWKS file) with the bundle's mode/owner."""
     uid, gid = _ids(config)
     if path is None or path == config.path:
-        write_atomic(config.path, content, config.mode, uid, gid, "bundle.path", "bundle")
+        origin, what = ("bundle.path", config.path), "bundle"
     else:
-        write_atomic(path, content, config.mode, uid, gid, "bundle.jwks_path", "JWKS file")
+        origin, what = ("bundle.jwks_path", path), "JWKS file"
+    write_atomic(origin[1], content, config.mode, uid, gid, origin, what)
 
 
 def fix_permissions(config: BundleConfig) -> None:
@@ -329,7 +337,8 @@ def fix_permissions(config: BundleConfig) -> None:
 def mark_reload_pending(config: BundleConfig, reason: str) -> None:
     """Durably remember that a reload is owed, before the write that makes it owed."""
     marker = config.path + PENDING_SUFFIX
-    write_atomic(marker, f"{reason}\n".encode(), 0o600, what="reload marker")
+    origin = ("bundle.path", config.path)
+    write_atomic(marker, f"{reason}\n".encode(), 0o600, setting=origin, what="reload marker")
 
 
 def clear_reload_pending(config: BundleConfig) -> None:
@@ -362,7 +371,7 @@ def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
     """Hold ``<bundle>.lock`` exclusively; wait up to ``timeout`` seconds for it."""
     _require(_directory_problem("bundle.path", config.path))
     lock_path = config.path + LOCK_SUFFIX
-    st = _lstat(lock_path)
+    st = _lstat(lock_path, "lock")
     if st is not None:
         _require(_lock_problem(lock_path, st))
     try:
