@@ -255,6 +255,28 @@ def adopt(
     return Adoption(text, tuple(ordered), bundled, tuple(for_terminal(w) for w in warnings))
 
 
+def with_anchor(base: Mapping[str, Any], ca_file: str, first: Adoption) -> dict[str, Any]:
+    """The base document with a trust anchor for ``ca_file`` over the adopted keys' hosts.
+
+    The keys found stay pinned (reviewed now); the anchor trusts the next ones its CA
+    certifies for these hosts (a reimage) with no edit. ``common_name`` is set when
+    every certificate found shares one subject CN (the seed PKI's ``sa``), which binds
+    the anchor to the service-account profile.
+    """
+    from sakeystate.anchors import load_roots
+    from sakeystate.files import read_capped
+
+    load_roots(read_capped(ca_file, MAX_BUNDLE_BYTES, "--anchor-ca"), f"--anchor-ca {ca_file}")
+    hosts = sorted({k.host for k in first.keys if k.trusted and k.host})
+    if not hosts:
+        raise SakeystateError("--anchor-ca: no adopted key names its host; nothing to anchor")
+    names = {k.key.subject_cn for k in first.keys if k.trusted and k.key.certificate_pem}
+    anchor: dict[str, Any] = {"name": f"{base['cluster']}-pki", "ca_file": ca_file, "hosts": hosts}
+    if len(names) == 1 and None not in names:
+        anchor["common_name"] = names.pop()
+    return {**base, "trust_anchors": [anchor]}
+
+
 def _comment(item: AdoptedKey) -> list[str]:
     expires = format_time(item.key.not_after) if item.key.not_after else "no certificate"
     first = f"{item.key.algorithm}, not after {expires}"
@@ -358,6 +380,7 @@ class Options:
         "from_bundle",
         "output",
         "force",
+        "anchor_ca",
     )
 
     at: datetime
@@ -376,6 +399,7 @@ class Options:
     read_etcd: bool = True
     output: str = "-"
     force: bool = False
+    anchor_ca: str | None = None
 
 
 def run(options: Options) -> Adoption:
@@ -390,6 +414,9 @@ def run(options: Options) -> Adoption:
             observed = store.read(desired.etcd.prefix)
     data = read_bundle(options.from_bundle) if options.from_bundle else None
     result = adopt(base, options.at, observed, data, options.from_bundle)
+    if options.anchor_ca:
+        base = with_anchor(base, options.anchor_ca, result)
+        result = adopt(base, options.at, observed, data, options.from_bundle)
     if options.output != "-":
         write_output(options.output, result.text, options.force)
     return result

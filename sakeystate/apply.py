@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sakeystate import bundle
-from sakeystate.anchors import Anchor, load_roots, verify_any
+from sakeystate.anchors import Anchor, load_roots
 from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
 from sakeystate.escape import for_terminal
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
-from sakeystate.plan import LocalFacts, Plan, plan, plan_publish, status_record
+from sakeystate.plan import LocalFacts, Plan, certify, plan, plan_publish, status_record
 from sakeystate.state import AnchorConfig, BundleConfig, DesiredState
 
 # A guarded write that loses a race is re-planned from a fresh read this often.
@@ -122,7 +122,8 @@ def converge(
 ) -> Plan:
     """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
     config = desired.bundle
-    with bundle.locked(config, desired.etcd.timeout):
+    # Another run on this host may be in its reload (reload_timeout) and its etcd writes.
+    with bundle.locked(config, config.reload_timeout + desired.etcd.timeout):
         for _attempt in range(MAX_ATTEMPTS):
             current = observe_and_plan(desired, store, at, allow_removals, not run_reload)
             if current.refusals:
@@ -181,7 +182,7 @@ def _reload(config: BundleConfig) -> None:
 
 def reload_done(desired: DesiredState) -> bool:
     """The caller restarted kube-apiserver: clear the owed reload. True if one was owed."""
-    with bundle.locked(desired.bundle, desired.etcd.timeout):
+    with bundle.locked(desired.bundle, desired.bundle.reload_timeout + desired.etcd.timeout):
         owed = bundle.observe(desired.bundle).reload_pending
         bundle.clear_reload_pending(desired.bundle)
     return owed
@@ -340,7 +341,7 @@ def publish(
         )
     anchors = local_facts(desired).anchors
     if desired.trust_anchors and key.kid not in desired.trusted:
-        verdict = verify_any(anchors, key.certificate_pem, intermediates, host, at)
+        verdict = certify(anchors, key, intermediates, host, at)
         if not verdict.trusted:
             raise SakeystateError(
                 f"refusing to publish {key.kid} for {host}: no trust anchor certifies it "

@@ -352,6 +352,15 @@ def clear_reload_pending(config: BundleConfig) -> None:
     _fsync_dir(os.path.dirname(marker) or ".")
 
 
+def _holder(fd: int) -> str:
+    """The PID the lock's holder wrote, or "unknown"."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
 def _remove_stale_temporaries(config: BundleConfig) -> None:
     """Temp files a killed run left behind: regular files of ours only, never another's."""
     targets = [config.path, config.path + PENDING_SUFFIX]
@@ -368,7 +377,11 @@ def _remove_stale_temporaries(config: BundleConfig) -> None:
 
 @contextmanager
 def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
-    """Hold ``<bundle>.lock`` exclusively; wait up to ``timeout`` seconds for it."""
+    """Hold ``<bundle>.lock`` exclusively; wait up to ``timeout`` seconds for it.
+
+    The holder writes its PID into the lock file, so a run that gives up can say
+    which process holds it.
+    """
     _require(_directory_problem("bundle.path", config.path))
     lock_path = config.path + LOCK_SUFFIX
     st = _lstat(lock_path, "lock")
@@ -387,10 +400,13 @@ def locked(config: BundleConfig, timeout: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise BundleError(
-                        f"another sakeystate run holds the lock {lock_path}; "
-                        f"gave up after {timeout:g}s"
+                        f"another sakeystate run (PID {_holder(fd)}) holds the lock "
+                        f"{lock_path}; gave up after {timeout:g}s"
                     ) from None
                 time.sleep(0.05)
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _remove_stale_temporaries(config)
         yield
     finally:

@@ -272,7 +272,10 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     )
     for warning in result.warnings:
         say("warning", f"{warning}")
-    if args.output == "-":
+    if args.format == "json":
+        pinned = [k.kid for k in result.keys if k.trusted]
+        _json(state=result.text, trusted=pinned, warnings=list(result.warnings))
+    elif args.output == "-":
         sys.stdout.write(result.text)
     else:
         trusted = sum(1 for k in result.keys if k.trusted)
@@ -648,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="-", metavar="FILE", help="write the state here (default stdout)"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    p.add_argument(
+        "--anchor-ca",
+        metavar="FILE",
+        help="add a trust anchor for this cluster CA file over the adopted keys' hosts",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--at", metavar="RFC3339", help="evaluate certificate dates at this moment")
     p.set_defaults(func=cmd_adopt)
 

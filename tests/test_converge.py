@@ -422,7 +422,7 @@ def test_two_converges_on_one_host_never_interleave(env: Env) -> None:
     from sakeystate import bundle
     from sakeystate.state import load_state
 
-    three_planes(env, etcd={"timeout": "1s"})
+    three_planes(env, etcd={"timeout": "1s"}, bundle={"reload_timeout": "1s"})
     desired = load_state(env.state_path)
     held = threading.Event()
     release = threading.Event()
@@ -441,7 +441,9 @@ def test_two_converges_on_one_host_never_interleave(env: Env) -> None:
         release.set()
         holder.join()
     assert blocked.code == 1
-    assert f"lock {env.bundle}.lock" in blocked.err
+    # It waited reload_timeout + etcd.timeout, and names the holder.
+    assert f"(PID {os.getpid()}) holds the lock {env.bundle}.lock" in blocked.err
+    assert "gave up after 2s" in blocked.err
     assert env.bundle_bytes() is None
     assert env.cli("converge", "--at", AT).code == 0
 

@@ -287,10 +287,8 @@ def test_adopt_never_offers_a_ca_certificate(env: Env) -> None:
         assert code == 0, err
         assert [t["fingerprint"] for t in data["trusted"]] == [kid(good)]  # type: ignore[index]
         assert kid(ca) not in yaml.safe_dump(data)
-        assert (
-            ("CA certificate" in err
-            and "CA keys are never service-account keys" in err)
-            or ("a CA certificate (basicConstraints" in err)
+        assert ("CA certificate" in err and "CA keys are never service-account keys" in err) or (
+            "a CA certificate (basicConstraints" in err
         )
 
 
