@@ -379,7 +379,7 @@ def _decide_trust(work: _Work, local: LocalFacts) -> None:
             key.trust = _kept_from_bundle(work, key)
         if key.trust is not None:
             key.status = "trusted"
-            key.reason = key.reason or "trusted"
+            key.reason = key.trust if key.in_etcd else f"{key.trust}; not published in etcd"
             continue
         key.status = "untrusted"
         anchor_says = f": {key.reason}" if key.reason else ""
