@@ -12,6 +12,7 @@ current key, render the effective set, diff, and check the refusals.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -28,6 +29,7 @@ from sakeystate.keys import (
     KeyInfo,
     format_time,
     parse_pem_bundle,
+    parse_time,
     parse_value,
     render_value,
     saturating_add,
@@ -47,8 +49,11 @@ from sakeystate.state import DesiredState, format_duration
 _HOST_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*$"
 )
-# The comment line sakeystate writes above each bundle block: ``# <kid> <host>``.
-_BUNDLE_COMMENT_RE = re.compile(rb"^# ([A-Za-z0-9_-]{43}) (\S+)$", re.MULTILINE)
+# The comment line sakeystate writes above each bundle block: ``# <kid> <host> <published>``
+# (revision-1 bundles have no publish time).
+_BUNDLE_COMMENT_RE = re.compile(
+    rb"^# ([A-Za-z0-9_-]{43}) (\S+)(?: ([0-9TZ:-]{20}))?$", re.MULTILINE
+)
 UPCOMING_WINDOW_DAYS = 30
 # "Did you mean": a pinned kid missing from etcd is compared with the kids etcd holds
 # when there are at most this many missing (each comparison is 43x43 steps).
@@ -116,6 +121,7 @@ class BundledKey:
     kid: str
     host: str | None
     key: KeyInfo
+    published: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -216,16 +222,22 @@ class _Work:
     warnings: list[str] = field(default_factory=list)
     occupied: set[str] = field(default_factory=set)
     bundle_hosts: dict[str, str] = field(default_factory=dict)
+    bundle_published: dict[str, datetime] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)  # host -> its current kid
     excluded: str | None = None
     events: list[datetime] = field(default_factory=list)  # when time alone changes the plan
 
 
 def render_bundle(keys: Iterable[BundledKey]) -> bytes:
-    """Public keys sorted by kid, each under a ``# kid host`` line. Deterministic."""
+    """Public keys sorted by kid, each under a ``# kid host published`` line. Deterministic.
+
+    The publish time is the one sakeystate first saw for the key: the bundle is its
+    memory of it (see ``_remembered_publish_times``).
+    """
     parts = []
     for item in sorted(keys, key=lambda k: k.kid):
-        parts.append(f"# {item.kid} {item.host or '-'}\n".encode() + item.key.public_pem)
+        when = format_time(item.published) if item.published else "-"
+        parts.append(f"# {item.kid} {item.host or '-'} {when}\n".encode() + item.key.public_pem)
     return b"".join(parts)
 
 
@@ -336,16 +348,40 @@ def _read_bundle(work: _Work, bundle: BundleObservation) -> list[KeyInfo]:
     known = {k.info.public_pem: k.info for k in work.keys.values()}
     before, problems = parse_pem_bundle(bundle.content or b"", known)
     work.warnings += [f"bundle {bundle.path}: {p}" for p in problems]
-    work.bundle_hosts = {
-        m.group(1).decode(): m.group(2).decode("utf-8", "replace").lower()
-        for m in _BUNDLE_COMMENT_RE.finditer(bundle.content or b"")
-    }
+    for match in _BUNDLE_COMMENT_RE.finditer(bundle.content or b""):
+        kid = match.group(1).decode()
+        work.bundle_hosts[kid] = match.group(2).decode("utf-8", "replace").lower()
+        if match.group(3):
+            with contextlib.suppress(ValueError):  # not a time sakeystate wrote: etcd's
+                work.bundle_published[kid] = parse_time(match.group(3).decode())
     for info in before:
         key = work.keys.get(info.kid)
         if key is None:
             key = work.keys[info.kid] = _Key(kid=info.kid, info=info, in_etcd=False)
         key.in_bundle = True
     return before
+
+
+def _remembered_publish_times(work: _Work) -> None:
+    """A bundled key keeps the publish time the bundle recorded when it was first seen.
+
+    Supersession orders a host's keys by publish time, and the ``Published`` header
+    is whatever an etcd writer put there: re-dating a host's current key to before
+    its previous one would make the previous key supersede it, and remove it from
+    every bundle. The bundle is sakeystate's own file, so once a key is in it, a
+    later change of that header in etcd changes nothing.
+    """
+    for kid, remembered in work.bundle_published.items():
+        key = work.keys.get(kid)
+        if key is None or key.published == remembered:
+            continue
+        if key.in_etcd and key.published is not None:
+            work.warnings.append(
+                f"etcd key {key.etcd_key}: Published {format_time(key.published)} differs "
+                f"from {format_time(remembered)}, when this host first saw the key; "
+                "the first is ignored"
+            )
+        key.published = remembered
 
 
 # --- step 3: trust ----------------------------------------------------------------------
@@ -453,7 +489,7 @@ def _apply_retention(work: _Work, local: LocalFacts) -> None:
                 )
                 continue
             _upcoming(work, key, drop_at, f"host {key.host} decommissioned")
-        if key.in_etcd and key.published is not None:
+        if key.published is not None:  # from etcd, or remembered by the bundle
             by_host.setdefault(key.host, []).append(key)
     for items in by_host.values():
         _supersede(work, items, local)
@@ -572,7 +608,7 @@ def _exclude(work: _Work, local: LocalFacts) -> None:
 
 def _effective(work: _Work) -> list[BundledKey]:
     return [
-        BundledKey(k.kid, k.host, k.info)
+        BundledKey(k.kid, k.host, k.info, k.published)
         for k in sorted(work.keys.values(), key=lambda k: k.kid)
         if k.trust is not None and k.drop is None
     ]
@@ -846,6 +882,7 @@ def plan(
     work = _Work(desired, at)
     _collect(work, observed)
     before_keys = _read_bundle(work, bundle)
+    _remembered_publish_times(work)
     _decide_trust(work, local)
     _apply_retention(work, local)
     _pick_current(work, local)

@@ -76,7 +76,7 @@ def test_bundle_is_public_keys_sorted_by_kid_with_mode(env: Env) -> None:
     kids = three_planes(env, bundle={"mode": "0640"})
     assert env.cli("converge", "--at", AT).code == 0
     expected = b"".join(
-        f"# {k} {h}\n".encode()
+        f"# {k} {h} {AT}\n".encode()
         + private_key("ec521", i)
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

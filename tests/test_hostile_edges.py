@@ -294,3 +294,23 @@ def test_a_san_for_another_host_published_under_a_fleet_name_is_never_trusted(
     path.write_bytes(wrong.chained)
     refused = env.cli("publish", "--cert", str(path), "--host", B)
     assert refused.code == 1 and f"the certificate names {C}" in refused.err
+
+
+def test_re_dating_a_hosts_current_key_in_etcd_never_supersedes_it(env: Env) -> None:
+    """An etcd writer re-dates ctrl1001's current key to before its previous one, so that
+    the previous key would supersede it. The bundle remembers when each key was first
+    seen, so nothing changes, and the forged header is reported."""
+    previous, current = private_key("ec256", 80), private_key("ec256", 81)
+    env.publish(previous, A, published=T0 - timedelta(days=400))
+    env.publish(current, A, published=T0 - timedelta(days=10))
+    other = env.publish(private_key("ec256", 82), B)
+    env.state([(kid(previous), A), (kid(current), A), (other, B)])
+    assert env.cli("converge", "--at", AT).code == 0
+    before = env.bundle_bytes()
+    env.publish(current, A, published=T0 - timedelta(days=500))  # the forgery
+    plan = env.cli("plan", "--at", AT, "--format", "json")
+    report = json.loads(plan.out)
+    assert plan.code == 0 and report["actions"] == [], report["actions"]
+    assert any("when this host first saw the key" in w for w in report["warnings"])
+    assert env.cli("converge", "--at", AT).code == 0
+    assert env.bundle_bytes() == before and env.prefix + kid(current) in env.dump()
