@@ -410,7 +410,8 @@ class _RefuseAt(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
         parser.error(
             "--at is only for read-only commands (plan, check, inspect, status, "
-            "verify-token): a write always applies policy as of now"
+            "verify-token, snapshot, adopt): a command that writes or waits always acts "
+            "as of now"
         )
 
 

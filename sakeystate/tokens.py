@@ -257,6 +257,7 @@ def _when(value: Any) -> str | None:
 def as_dict(result: Verification) -> dict[str, Any]:
     claims = result.token.claims
     return {
+        "version": 1,
         "verified": result.ok,
         "at": format_time(result.at),
         "kid": result.token.kid,
