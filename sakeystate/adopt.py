@@ -221,7 +221,8 @@ def adopt(
             if observed is not None and info.kid not in in_etcd:
                 warnings.append(
                     f"key {info.kid} ({item.host or 'unknown host'}) is in the bundle but not "
-                    "published in etcd: converge keeps it in the bundle while it is trusted (publish it)"
+                    "published in etcd: converge keeps it in the bundle while it is trusted "
+                    "(publish it)"
                 )
         for kid, item in in_etcd.items():
             if kid not in keys:
