@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sakeystate import bundle
 from sakeystate.anchors import Anchor, load_roots, verify_any
 from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
-from sakeystate.etcd import EtcdStore, batches
+from sakeystate.etcd import EtcdStore, ReloadLock, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
 from sakeystate.plan import LocalFacts, Plan, plan, plan_publish, status_record
@@ -110,8 +112,14 @@ def converge(
     at: datetime,
     allow_removals: bool = False,
     run_reload: bool = True,
+    reloading: Callable[[bool], None] | None = None,
 ) -> Plan:
-    """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
+    """Bring etcd and the bundle to the desired state; returns the plan that was applied.
+
+    ``reloading`` is told True when the reload begins (waiting for the reload lock
+    included) and False when it ended, before the lock is released: ``watch`` lets
+    SIGTERM abort a reload (it stays owed) but lets every other step finish.
+    """
     config = desired.bundle
     with bundle.locked(config, desired.etcd.timeout):
         for _attempt in range(MAX_ATTEMPTS):
@@ -138,7 +146,7 @@ def converge(
             bundle.write(config, current.jwks_content, config.jwks_path)
         if reload_action is not None and run_reload and config.reload:
             try:
-                _reload(config)
+                _reload(desired, store, reloading)
             except ReloadFailed as exc:
                 exc.plan = current
                 raise
@@ -149,11 +157,37 @@ def converge(
     return current
 
 
-def _reload(config: BundleConfig) -> None:
-    """The reload, then ``reload_check`` polled until it succeeds; one shared deadline."""
-    assert config.reload is not None
+def _reload(
+    desired: DesiredState, store: EtcdStore, reloading: Callable[[bool], None] | None
+) -> None:
+    """Under the cluster's reload lock: the reload, then ``reload_check`` polled until it
+    succeeds. Waiting for the lock, the reload and the check share ``reload_timeout``."""
+    config = desired.bundle
     deadline = time.monotonic() + config.reload_timeout
-    run_reload_command(config.reload, config.reload_timeout)
+    lock = None
+    if desired.etcd.reload_lock:
+        holder = f"{desired.host or socket.gethostname()} pid {os.getpid()}"
+        lock = ReloadLock(store, desired.etcd.reload_lock, holder)
+    try:
+        if reloading is not None:
+            reloading(True)
+        if lock is not None:
+            try:
+                lock.acquire(config.reload_timeout)
+            except EtcdError as exc:
+                raise ReloadFailed(f"{exc}; the reload will be retried") from None
+        _reload_and_check(config, deadline)
+    finally:
+        if reloading is not None:
+            reloading(False)
+        if lock is not None:
+            lock.release()
+
+
+def _reload_and_check(config: BundleConfig, deadline: float) -> None:
+    """The reload, then ``reload_check`` polled until it succeeds, by ``deadline``."""
+    assert config.reload is not None
+    run_reload_command(config.reload, max(0.001, deadline - time.monotonic()))
     if not config.reload_check:
         return
     while True:
@@ -215,6 +249,11 @@ def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
         raise ReloadFailed(
             f"reload command {shown!r} timed out after {timeout:g}s; it will be retried"
         ) from None
+    except BaseException:
+        # watch stopping (SIGTERM) mid-reload: never leave the reload running unlocked.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     if proc.returncode != 0:
         tail = output.decode("utf-8", "replace").strip().splitlines()[-3:]
         detail = f": {' / '.join(tail)}" if tail else ""
