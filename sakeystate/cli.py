@@ -206,6 +206,8 @@ def _record_metrics(
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """The service: converge at start, then on every event (see sakeystate.watch)."""
+    import re
+
     from sakeystate.metrics import Metrics
     from sakeystate.state import parse_duration
     from sakeystate.watch import Options, Watcher
@@ -213,8 +215,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     durations = {}
     for name in ("debounce", "resync"):
         text = getattr(args, name)
+        fraction = re.fullmatch(r"(\d{1,6}\.\d{1,3})s", text)  # 0.5s: below a second
         try:
-            durations[name] = parse_duration(text).total_seconds()
+            durations[name] = (
+                float(fraction.group(1)) if fraction else parse_duration(text).total_seconds()
+            )
         except ValueError as exc:
             raise SakeystateError(f"--{name}: {exc}") from None
     if durations["resync"] < 1:

@@ -292,12 +292,14 @@ class Watcher:
         text = f"pass {self.passes} ({', '.join(triggers)}): {result}"
         if plan is not None:
             fields["actions"] = [a.as_dict() for a in plan.actions]
-            fields["kids"] = list(plan.kids_after)
-            fields["reloaded"] = reloaded
             if plan.changed:
                 from sakeystate.report import summary
 
                 text += f": {summary(plan).rstrip('.')}"
+        if plan is not None and error is None:
+            # What the bundle holds now; a refused or failed pass says why instead.
+            fields["kids"] = list(plan.kids_after)
+            fields["reloaded"] = reloaded
             text += f"{'; reloaded' if reloaded else ''}; kids={','.join(plan.kids_after)}"
             if plan.next_event is not None:
                 fields["next_event"] = format_time(plan.next_event)
