@@ -390,6 +390,9 @@ class PrefixWatch:
                 raise WatchCompacted(
                     f"etcd compacted the watched revision (now {item.compacted_revision})"
                 )
+            if isinstance(item, grpc.RpcError) and hasattr(item, "code"):
+                detail = f"{item.code().name} ({_short(item.details() or '')})"
+                raise EtcdError(f"etcd watch failed: {detail}")
             if isinstance(item, BaseException):
                 raise EtcdError(f"etcd watch failed: {_short(str(item))}")
             newest = max(newest, int(item.header.revision))
