@@ -75,7 +75,8 @@ def _signature(path: str) -> tuple[int, ...] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: a copy that keeps the mtime (cp -p, rsync -a) and the size still moves it.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Watcher:

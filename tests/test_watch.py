@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -179,6 +180,32 @@ def test_an_invalid_state_file_keeps_the_last_good_state(
     env.state([(first, HOSTS[0]), (second, HOSTS[1]), (third, HOSTS[2])])
     wait_for("the valid edit", lambda: bundle_kids(env.bundle) == {first, second, third})
     assert watcher.proc.poll() is None
+
+
+def test_sighup_re_reads_what_the_state_points_to(
+    env: Env, watchers: Callable[..., WatchProcess]
+) -> None:
+    from pki import Pki
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    pki, stranger = Pki(), Pki(org="Another Org")
+    leaf = pki.sa(not_before=now - timedelta(days=1), not_after=now + timedelta(days=30))
+    pinned = env.publish(private_key("ec256", 78), HOSTS[1])
+    header = f"Host: {HOSTS[0]}\nPublished: {now:%Y-%m-%dT%H:%M:%SZ}\n".encode()
+    env.etcd.put(env.prefix + leaf.kid, header + leaf.chained)
+    ca_file = env.tmp / "ca.pem"
+    ca_file.write_bytes(stranger.ca_file())  # the wrong CA: the leaf is not trusted yet
+    anchor = {"name": "pki", "ca_file": str(ca_file), "hosts": [HOSTS[0]], "common_name": "sa"}
+    env.state([(pinned, HOSTS[1])], trust_anchors=[anchor])
+    watcher = watchers(env.state_path, ME, "--format", "json")
+    wait_for("the start pass", lambda: bundle_kids(env.bundle) == {pinned})
+    ca_file.write_bytes(pki.ca_file())  # the state file itself is unchanged
+    watcher.send(signal.SIGHUP)
+    wait_for("the SIGHUP pass", lambda: bundle_kids(env.bundle) == {pinned, leaf.kid})
+    assert watcher.stop() == 0
+    lines = [json.loads(line) for line in watcher.output.splitlines()]
+    assert all(line["version"] == 1 for line in lines)
+    assert any(line.get("triggers") == ["SIGHUP"] and line["result"] == "changed" for line in lines)
 
 
 def _two_hosts(env: Env, log: Path, pauses: tuple[float, float]) -> list[Path]:
