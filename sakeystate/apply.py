@@ -3,7 +3,8 @@
 Order of a converge, chosen so that a crash at any point is repaired by the
 next run: lock; read etcd and the bundle; plan; refuse if unsafe; etcd writes
 (guarded, re-planned from a fresh read when something moved); mark a reload as
-owed; write the bundle atomically; reload; clear the mark.
+owed; write the bundle atomically; reload (holding the cluster's reload lock
+through ``reload_check``, so two apiservers never restart at once); clear the mark.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ class Watcher:
             self.event_at = None
             self._schedule("time-based event", 0.0)
         if now >= self.resync_at:
+            self.resync_at = now + self.options.resync  # a failing pass keeps its backoff
             self._schedule("resync", 0.0)
         if self.watch is not None and now >= self.liveness_at:
             self.liveness_at = now + LIVENESS
@@ -190,7 +191,9 @@ class Watcher:
         except EtcdError as exc:
             self._drop_watch()
             self._log({"event": "watch", "error": str(exc)}, f"{exc}: reading everything again")
-            self._schedule("etcd watch broke", 0.0)
+            # A second later, not at once: a watch that keeps breaking while reads
+            # succeed costs at most one pass a second.
+            self._schedule("etcd watch broke", BACKOFF_FIRST)
 
     def _drop_watch(self) -> None:
         if self.watch is not None:
