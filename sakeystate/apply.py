@@ -188,7 +188,8 @@ def _reload(
 def _reload_and_check(config: BundleConfig, deadline: float) -> None:
     """The reload, then ``reload_check`` polled until it succeeds, by ``deadline``."""
     assert config.reload is not None
-    run_reload_command(config.reload, max(0.001, deadline - time.monotonic()))
+    # Tenths of a second: the time the lock took is not worth "timed out after 0.9988s".
+    run_reload_command(config.reload, max(0.1, round(deadline - time.monotonic(), 1)))
     if not config.reload_check:
         return
     while True:
