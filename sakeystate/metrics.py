@@ -166,7 +166,7 @@ def _previous(path: str) -> _Values:
         with open(path, "rb") as handle:
             text = handle.read(MAX_TEXTFILE_BYTES).decode("utf-8", "replace")
         families = list(text_string_to_metric_families(text))
-    except (OSError, ValueError, TypeError, IndexError):
+    except Exception:  # unreadable, or anything the parser chokes on: start afresh
         return _Values()
     values = _Values()
     gauges: list[Sample] = []

@@ -8,7 +8,9 @@
   "unchanged" run and keeps the rest; a run that cannot read etcd adds an "error"
   run and keeps the gauges and the time of the last success.
 - ``converge --no-reload`` and ``check`` report the owed reload.
-- The file is replaced atomically: no temporary file stays beside it.
+- The file is replaced atomically: no temporary file stays beside it. A broken
+  previous file restarts the counters (what Prometheus reads as a reset); a file
+  that cannot be written is a warning, never a failed converge or check.
 """
 
 from __future__ import annotations
@@ -89,6 +91,26 @@ def test_converge_textfile_carries_the_metric_set_and_counts_across_runs(env: En
     assert one(found, "sakeystate_runs_total", result="unchanged") == 1
     assert one(found, "sakeystate_bundle_keys") == 2
     assert one(found, "sakeystate_last_success_timestamp_seconds") == success
+
+
+def test_a_broken_previous_textfile_restarts_the_counters(env: Env) -> None:
+    key = env.publish(private_key("ec256", 104), A)
+    env.state([(key, A)])
+    textfile = env.tmp / "sakeystate.prom"
+    textfile.write_bytes(b'sakeystate_runs_total{result="changed" 12\n\xff\x00garbage')
+    result = env.cli("converge", "--metrics-textfile", str(textfile))
+    assert result.code == 0, result.err
+    assert one(values(textfile), "sakeystate_runs_total", result="changed") == 1
+
+
+def test_an_unwritable_textfile_is_a_warning_not_a_failure(env: Env) -> None:
+    key = env.publish(private_key("ec256", 105), A)
+    env.state([(key, A)])
+    missing = env.tmp / "no-such-directory" / "sakeystate.prom"
+    result = env.cli("converge", "--metrics-textfile", str(missing))
+    assert result.code == 0
+    assert "warning: metrics not written" in result.err
+    assert env.cli("check", "--metrics-textfile", str(missing)).code == 1  # in sync
 
 
 def test_an_owed_reload_is_reported_by_converge_no_reload_and_by_check(env: Env) -> None:

@@ -1,7 +1,8 @@
 """The cluster-wide reload lock (etcd.reload_lock), against real etcd.
 
-- A reload runs while this host holds a lease-backed key exactly at the configured
-  key, naming the holder; the key is gone once the converge ended.
+- The reload and its reload_check run while this host holds a lease-backed key
+  exactly at the configured key, naming the holder; the key is gone once the
+  converge ended.
 - A lock held by another host makes the reload wait; past reload_timeout the
   converge fails (exit 1, naming the holder), the bundle is written and the reload
   stays owed, and the next converge, with the lock free, reloads and clears it.
@@ -41,16 +42,21 @@ def planes(env: Env, **bundle: Any) -> list[tuple[str, str]]:
     return trusted
 
 
-def test_reload_runs_holding_a_lease_backed_lock_at_the_configured_key(env: Env) -> None:
-    seen = env.tmp / "lock-during-reload.json"
-    ctl = f"'{etcdctl_binary()}' --endpoints {env.etcd.url} get {lock_key(env)} -w json"
-    planes(env, reload=["sh", "-c", f"ETCDCTL_API=3 {ctl} > '{seen}'"])
+def test_the_lock_is_held_through_reload_check_at_the_configured_key(env: Env) -> None:
+    during_reload, during_check = env.tmp / "reload.json", env.tmp / "check.json"
+    ctl = f"ETCDCTL_API=3 '{etcdctl_binary()}' --endpoints {env.etcd.url} get {lock_key(env)}"
+    planes(
+        env,
+        reload=["sh", "-c", f"{ctl} -w json > '{during_reload}'"],
+        reload_check=["sh", "-c", f"{ctl} -w json > '{during_check}'"],
+    )
     result = env.cli("converge", "--host", HOSTS[0])
     assert result.code == 0, result.err
-    kvs = json.loads(seen.read_text())["kvs"]
-    assert len(kvs) == 1 and kvs[0]["lease"] != 0
-    holder = base64.b64decode(kvs[0]["value"]).decode()
-    assert holder.startswith(f"{HOSTS[0]} pid {os.getpid()} ")
+    for seen in (during_reload, during_check):
+        kvs = json.loads(seen.read_text())["kvs"]
+        assert len(kvs) == 1 and kvs[0]["lease"] != 0  # lease-backed: SIGKILL frees it
+        holder = base64.b64decode(kvs[0]["value"]).decode()
+        assert holder.startswith(f"{HOSTS[0]} pid {os.getpid()} ")
     assert env.etcd.get(lock_key(env)) is None
 
 
