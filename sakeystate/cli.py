@@ -229,7 +229,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.metrics_textfile or args.metrics_listen:
         metrics = Metrics(args.metrics_textfile, args.metrics_listen)
     options = Options(
-        args.state, args.host, durations["debounce"], durations["resync"], args.format
+        args.state, args.host, durations["debounce"], durations["resync"], args.format, args.quiet
     )
     return Watcher(options, desired, metrics, _now).run()
 
@@ -590,9 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
         "coalesced for --debounce. One line per pass on stderr.",
     )
     common(p, read_only=False)
-    p.add_argument("--debounce", default="1s", metavar="DURATION", help="default 1s")
     p.add_argument(
-        "--resync", default="10m", metavar="DURATION", help="full re-read at least this often"
+        "--debounce",
+        default="1s",
+        metavar="DURATION",
+        help="coalesce events this long (default 1s; 0.5s for less than a second)",
+    )
+    p.add_argument(
+        "--resync",
+        default="10m",
+        metavar="DURATION",
+        help="read everything again at least this often (default 10m)",
     )
     _metrics_textfile(p)
     p.add_argument(

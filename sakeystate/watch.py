@@ -68,6 +68,7 @@ class Options:
     debounce: float = 1.0
     resync: float = 600.0
     format: str = "text"
+    quiet: bool = False  # no line for a pass that changed nothing
 
 
 def _signature(path: str) -> tuple[int, ...] | None:
@@ -316,6 +317,8 @@ class Watcher:
             self.warnings = warnings
             for warning in warnings:
                 text += f"\nsakeystate: warning: {warning}"
+        elif self.options.quiet and result == "unchanged":
+            return
         self._log(fields, text)
 
     def _log(self, fields: dict[str, Any], text: str) -> None:
