@@ -451,7 +451,9 @@ class ReloadLock:
     While the lock is held a thread keeps the lease alive, through its own store
     (a store is not thread-safe). A holder killed with SIGKILL stops refreshing,
     and etcd deletes the key when the lease expires, ``ttl`` seconds later. The
-    value names the holder, so a waiter that gives up can say who held it.
+    value names the holder, so a waiter that gives up can say who held it. The
+    other side of the same coin: a holder cut off from etcd for longer than the TTL
+    loses the lock while its reload still runs; a lease lock cannot prevent that.
     """
 
     def __init__(self, store: EtcdStore, key: str, holder: str, ttl: int = LOCK_TTL) -> None:
@@ -555,7 +557,7 @@ class ReloadLock:
             if response.succeeded:
                 return None, int(response.header.revision)
             kvs = response.responses[0].response_range.kvs
-            if not kvs:  # deleted between the compare and the read: try again
+            if not kvs:  # impossible within one transaction; nobody to name: try again
                 return b"", int(response.header.revision)
             if kvs[0].value == self.value:  # our own put, whose answer was lost
                 return None, int(response.header.revision)
@@ -583,9 +585,3 @@ class ReloadLock:
             while not self._stop.wait(self.ttl / 3):
                 with contextlib.suppress(EtcdError):
                     self._keepalive(store, lease)
-
-    def __enter__(self) -> ReloadLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

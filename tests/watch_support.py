@@ -88,9 +88,6 @@ class WatchProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def passes(self) -> int:
-        return self.output.count(": pass ")
-
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
