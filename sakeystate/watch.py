@@ -211,10 +211,11 @@ class Watcher:
         self.signature = signature
         try:
             desired = load_state(self.options.state, self.options.host)
-        except StateError as exc:
+        except SakeystateError as exc:
+            problems = exc.problems if isinstance(exc, StateError) else [str(exc)]
             self._log(
-                {"event": "state", "valid": False, "errors": exc.problems},
-                "state file invalid, keeping the last good state: " + "; ".join(exc.problems),
+                {"event": "state", "valid": False, "errors": problems},
+                "state file invalid, keeping the last good state: " + "; ".join(problems),
             )
             return
         if desired == self.desired and not hup:
