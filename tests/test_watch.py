@@ -237,10 +237,12 @@ def test_sigkill_of_the_lock_holder_frees_the_lock_by_lease_expiry(
     killed_reload = reloads(log)[0].pid
     holder.kill()  # SIGKILL: no release, the lease must expire
     os.kill(killed_reload, signal.SIGKILL)
+    killed_at = time.time()
     wait_for("the killed reload to be gone", lambda: not pid_alive(killed_reload))
     wait_for("B's reload after the lease expired", lambda: len(reloads(log)) == 2, 40)
     wait_for("B's reload to end", lambda: reloads(log)[1].end is not None)
     assert [r.name for r in reloads(log)] == [HOSTS[0], HOSTS[1]]
+    assert reloads(log)[1].start > killed_at  # B waited for the lock all along
     wait_for("B in sync", lambda: not pending(env.tmp / f"{HOSTS[1]}.pem"))
     assert other.stop() == 0
     assert env.etcd.get(lock_key(env)) is None
