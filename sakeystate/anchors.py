@@ -51,6 +51,7 @@ _BAD_INPUT = (
     VerificationError,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,  # not a ValueError: hypothesis found it (a version byte of 1)
 )
 _PEM_LABEL_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _FQDN_RE = re.compile(

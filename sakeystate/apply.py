@@ -3,7 +3,8 @@
 Order of a converge, chosen so that a crash at any point is repaired by the
 next run: lock; read etcd and the bundle; plan; refuse if unsafe; etcd writes
 (guarded, re-planned from a fresh read when something moved); mark a reload as
-owed; write the bundle atomically; reload; clear the mark.
+owed; write the bundle atomically; reload (holding the cluster's reload lock
+through ``reload_check``, so two apiservers never restart at once); clear the mark.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +24,7 @@ from sakeystate import bundle
 from sakeystate.anchors import Anchor, load_roots
 from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
 from sakeystate.escape import for_terminal
-from sakeystate.etcd import EtcdStore, batches
+from sakeystate.etcd import EtcdStore, ReloadLock, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
 from sakeystate.plan import LocalFacts, Plan, certify, plan, plan_publish, status_record
@@ -119,8 +122,14 @@ def converge(
     at: datetime,
     allow_removals: bool = False,
     run_reload: bool = True,
+    reloading: Callable[[bool], None] | None = None,
 ) -> Plan:
-    """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
+    """Bring etcd and the bundle to the desired state; returns the plan that was applied.
+
+    ``reloading`` is told True when the reload begins (waiting for the reload lock
+    included) and False when it ended, before the lock is released: ``watch`` lets
+    SIGTERM abort a reload (it stays owed) but lets every other step finish.
+    """
     config = desired.bundle
     # Another run on this host may be in its reload (reload_timeout) and its etcd writes.
     with bundle.locked(config, config.reload_timeout + desired.etcd.timeout):
@@ -148,7 +157,7 @@ def converge(
             bundle.write(config, current.jwks_content, config.jwks_path)
         if reload_action is not None and run_reload and config.reload:
             try:
-                _reload(config)
+                _reload(desired, store, reloading)
             except ReloadFailed as exc:
                 exc.plan = current
                 raise
@@ -159,11 +168,38 @@ def converge(
     return current
 
 
-def _reload(config: BundleConfig) -> None:
-    """The reload, then ``reload_check`` polled until it succeeds; one shared deadline."""
-    assert config.reload is not None
+def _reload(
+    desired: DesiredState, store: EtcdStore, reloading: Callable[[bool], None] | None
+) -> None:
+    """Under the cluster's reload lock: the reload, then ``reload_check`` polled until it
+    succeeds. Waiting for the lock, the reload and the check share ``reload_timeout``."""
+    config = desired.bundle
     deadline = time.monotonic() + config.reload_timeout
-    run_reload_command(config.reload, config.reload_timeout)
+    lock = None
+    if desired.etcd.reload_lock:
+        holder = f"{desired.host or socket.gethostname()} pid {os.getpid()}"
+        lock = ReloadLock(store, desired.etcd.reload_lock, holder)
+    try:
+        if reloading is not None:
+            reloading(True)
+        if lock is not None:
+            try:
+                lock.acquire(config.reload_timeout)
+            except EtcdError as exc:
+                raise ReloadFailed(f"{exc}; the reload will be retried") from None
+        _reload_and_check(config, deadline)
+    finally:
+        if reloading is not None:
+            reloading(False)
+        if lock is not None:
+            lock.release()
+
+
+def _reload_and_check(config: BundleConfig, deadline: float) -> None:
+    """The reload, then ``reload_check`` polled until it succeeds, by ``deadline``."""
+    assert config.reload is not None
+    # Tenths of a second: the time the lock took is not worth "timed out after 0.9988s".
+    run_reload_command(config.reload, max(0.1, round(deadline - time.monotonic(), 1)))
     if not config.reload_check:
         return
     while True:
@@ -229,6 +265,12 @@ def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
     assert proc.stdout is not None
     try:
         tail, exited = _output_tail(proc, proc.stdout.fileno(), time.monotonic() + timeout)
+    except BaseException:
+        # watch stopping (SIGTERM) mid-reload: never leave the reload running unlocked.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     finally:
         proc.stdout.close()
     if not exited:

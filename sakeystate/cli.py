@@ -158,13 +158,20 @@ def cmd_converge(args: argparse.Namespace) -> int:
         except Refused as exc:
             # Nothing was written: show what would have been, and why it was refused.
             _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)])
+            _record_metrics(args, "refused", exc.plan)
             raise
         except ReloadFailed as exc:
             # etcd and the bundle were converged; only the reload is still owed.
             if exc.plan is not None:
                 _report(exc.plan, args, "Converged, reload failed", errors=[str(exc)])
+            _record_metrics(args, "error", exc.plan)
+            raise
+        except SakeystateError:
+            _record_metrics(args, "error")
             raise
     _report(applied, args, "Converged")
+    reloaded = applied.reload is not None and not args.no_reload and bool(desired.bundle.reload)
+    _record_metrics(args, "changed" if applied.changed else "unchanged", applied, reloaded)
     if args.detailed_exitcode and applied.changed:
         return EXIT_CHANGES
     return EXIT_OK
@@ -189,10 +196,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         if args.format == "json":
             _json(in_sync=False, changed=None, errors=[str(exc)])
+        _record_metrics(args, "error")
         return CHECK_DRIFT
     for refusal in current.refusals:
         say("error", f"converge would be refused: {refusal}")
     drift = bool(current.refusals) or current.changed
+    outcome = "refused" if current.refusals else "changed" if drift else "unchanged"
+    _record_metrics(args, outcome, current)
     if args.format == "json":
         from sakeystate.report import as_dict
 
@@ -202,6 +212,51 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         print(summary(current))
     return CHECK_DRIFT if drift else CHECK_IN_SYNC
+
+
+def _record_metrics(
+    args: argparse.Namespace, result: str, plan: Plan | None = None, reloaded: bool = False
+) -> None:
+    """``--metrics-textfile``: this run's outcome added to the file's counters. Failing
+    to write it is a warning: it never turns a converge or a check into a failure."""
+    if not getattr(args, "metrics_textfile", None):
+        return
+    from sakeystate.metrics import Metrics
+
+    try:
+        Metrics(args.metrics_textfile).record(result, _now(), plan, reloaded)
+    except Exception as exc:
+        print(f"sakeystate: warning: metrics not written: {exc}", file=sys.stderr)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The service: converge at start, then on every event (see sakeystate.watch)."""
+    import re
+
+    from sakeystate.metrics import Metrics
+    from sakeystate.state import parse_duration
+    from sakeystate.watch import Options, Watcher
+
+    durations = {}
+    for name in ("debounce", "resync"):
+        text = getattr(args, name)
+        fraction = re.fullmatch(r"(\d{1,6}\.\d{1,3})s", text)  # 0.5s: below a second
+        try:
+            durations[name] = (
+                float(fraction.group(1)) if fraction else parse_duration(text).total_seconds()
+            )
+        except ValueError as exc:
+            raise SakeystateError(f"--{name}: {exc}") from None
+    if durations["resync"] < 1:
+        raise SakeystateError("--resync must be at least 1s")
+    desired = _load(args)
+    metrics = None
+    if args.metrics_textfile or args.metrics_listen:
+        metrics = Metrics(args.metrics_textfile, args.metrics_listen)
+    options = Options(
+        args.state, args.host, durations["debounce"], durations["resync"], args.format, args.quiet
+    )
+    return Watcher(options, desired, metrics, _now).run()
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -429,9 +484,18 @@ _EXITS = {
     "status": "0 all in order, 2 something lags or needs a person (each item on stdout), 1 error",
     "wait": "0 reached, 1 timed out (naming the hosts that lag) or error",
     "inspect": "0, 1 error",
+    "watch": "0 when stopped by SIGTERM or SIGINT; 1 when the state is invalid at start",
     "adopt": "0, 1 error",
     "verify-token": "0 the token verifies now and after the plan, 1 not or error",
 }
+
+
+def _metrics_textfile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write Prometheus metrics here (node_exporter textfile format, atomically)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         "until `sakeystate reload-done`",
     )
     p.set_defaults(func=cmd_converge)
+    _metrics_textfile(p)
 
     p = command(
         "check",
@@ -544,6 +609,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.set_defaults(func=cmd_check, allow_removals=False)
+    _metrics_textfile(p)
+
+    p = command(
+        "watch",
+        "the service: converge at start, then on every change in etcd or the state file",
+        "Also at the plan's next time-based event and every --resync; bursts are "
+        "coalesced for --debounce. One line per pass on stderr.",
+    )
+    common(p, read_only=False)
+    p.add_argument(
+        "--debounce",
+        default="1s",
+        metavar="DURATION",
+        help="coalesce events this long (default 1s; 0.5s for less than a second)",
+    )
+    p.add_argument(
+        "--resync",
+        default="10m",
+        metavar="DURATION",
+        help="read everything again at least this often (default 10m)",
+    )
+    _metrics_textfile(p)
+    p.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (or :PORT)",
+    )
+    p.set_defaults(func=cmd_watch)
 
     p = command(
         "publish",

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -102,6 +104,8 @@ class EtcdStore:
         self._clients: dict[str, Any] = {}
         self._password: str | None = None
         self.requests = 0
+        # The revision of the latest read of each prefix: where a watch starts.
+        self.revisions: dict[str, int] = {}
         if config.username and config.password_file:
             self._password = _read_password(config.password_file)
 
@@ -255,7 +259,9 @@ class EtcdStore:
                     return EtcdObservation(prefix, revision, tuple(entries))
                 start = response.kvs[-1].key + b"\0"
 
-        return self._guarded(f"reading {prefix} from etcd", operation)
+        observed = self._guarded(f"reading {prefix} from etcd", operation)
+        self.revisions[prefix] = observed.revision
+        return observed
 
     def get(self, key: str) -> EtcdEntry | None:
         def operation(client: Any, deadline: float) -> EtcdEntry | None:
@@ -413,6 +419,9 @@ class PrefixWatch:
                 raise WatchCompacted(
                     f"etcd compacted the watched revision (now {item.compacted_revision})"
                 )
+            if isinstance(item, grpc.RpcError) and hasattr(item, "code"):
+                detail = f"{item.code().name} ({_short(item.details() or '')})"
+                raise EtcdError(f"etcd watch failed: {detail}")
             if isinstance(item, BaseException):
                 raise EtcdError(f"etcd watch failed: {_short(str(item))}")
             newest = max(newest, int(item.header.revision))
@@ -420,6 +429,22 @@ class PrefixWatch:
                 item = self._events.get_nowait()
             except queue.Empty:
                 return newest
+
+    def alive(self, timeout: float = 2.0) -> bool:
+        """Whether the member this watch streams from answers and has a leader.
+
+        python3-etcd3's watch stream can go quiet without telling its callbacks (a
+        member cut off from quorum keeps the stream open and delivers nothing), so
+        a watcher asks now and then; a Status call is not a range read.
+        """
+        try:
+            request = etcdrpc.StatusRequest()
+            response = self._client.maintenancestub.Status(
+                request, timeout, metadata=self._client.metadata
+            )
+        except Exception:  # an RpcError, or the channel was closed under the watch
+            return False
+        return bool(response.leader)
 
     def close(self) -> None:
         for watch_id in self._ids:
@@ -432,3 +457,160 @@ class PrefixWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A holder killed with SIGKILL frees the reload lock this many seconds later (lease
+# expiry); a live holder refreshes its lease three times per TTL.
+LOCK_TTL = 10
+# A waiter re-tries at least this often, even if the watch on the lock key is silent.
+LOCK_POLL = 2.0
+
+
+class ReloadLock:
+    """The cluster-wide reload lock: one key whose value is attached to a lease.
+
+    The recipe is python3-etcd3's ``Lock`` (create the key only while it does not
+    exist, attached to a lease; a waiter watches for its deletion; release deletes
+    it), done here through ``EtcdStore`` so that it shares the store's endpoint
+    failover, per-call deadlines and auth metadata, and sits exactly at the
+    configured key. The library's own ``Lock`` sends gRPC call credentials, which
+    gRPC refuses on a plain-http channel with auth, talks to one endpoint only and
+    leaks a lease per failed attempt.
+
+    While the lock is held a thread keeps the lease alive, through its own store
+    (a store is not thread-safe). A holder killed with SIGKILL stops refreshing,
+    and etcd deletes the key when the lease expires, ``ttl`` seconds later. The
+    value names the holder, so a waiter that gives up can say who held it. The
+    other side of the same coin: a holder cut off from etcd for longer than the TTL
+    loses the lock while its reload still runs; a lease lock cannot prevent that.
+    """
+
+    def __init__(self, store: EtcdStore, key: str, holder: str, ttl: int = LOCK_TTL) -> None:
+        self.store = store
+        self.key = key
+        self.ttl = ttl
+        self.value = f"{holder} {secrets.token_hex(8)}".encode()
+        self._lease: int | None = None
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def acquire(self, timeout: float) -> None:
+        """Take the lock within ``timeout`` seconds, or raise EtcdError naming the holder."""
+        deadline = time.monotonic() + timeout
+        self._lease = self._grant()
+        granted = time.monotonic()
+        try:
+            while True:
+                if time.monotonic() - granted > self.ttl / 3:
+                    self._keepalive(self.store, self._lease)
+                    granted = time.monotonic()
+                held_by, revision = self._try_create()
+                if held_by is None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EtcdError(
+                        f"the reload lock {self.key} is held by "
+                        f"{held_by.decode('utf-8', 'replace')[:200]!r}; gave up after "
+                        f"{timeout:g}s"
+                    )
+                self._wait_for_release(revision, min(left, LOCK_POLL))
+        except BaseException:
+            self.release()
+            raise
+        self._stop.clear()
+        self._refresher = threading.Thread(
+            target=self._refresh, args=(self._lease,), name="reload-lock-lease", daemon=True
+        )
+        self._refresher.start()
+
+    def _wait_for_release(self, revision: int, timeout: float) -> None:
+        """Until the holder's key changes, at most ``timeout``; a watch that cannot
+        start or breaks is no reason to give up, only to try again a little later."""
+        try:
+            with PrefixWatch(self.store, [self.key], revision + 1) as watch:
+                watch.wait(timeout)
+        except EtcdError:
+            time.sleep(min(timeout, RETRY_PAUSE * 5))
+
+    def release(self) -> None:
+        """Give the lock up (revoking the lease deletes the key). Never raises: when
+        etcd cannot be reached now, the lease expires within ``ttl`` seconds anyway."""
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+            self._refresher = None
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        request = etcdrpc.LeaseRevokeRequest(ID=lease)
+
+        def operation(client: Any, deadline: float) -> None:
+            self.store._rpc(client, "leasestub", "LeaseRevoke", request, deadline)
+
+        with contextlib.suppress(EtcdError):
+            self.store._guarded(f"releasing the reload lock {self.key}", operation)
+
+    def _grant(self) -> int:
+        request = etcdrpc.LeaseGrantRequest(TTL=self.ttl)
+
+        def operation(client: Any, deadline: float) -> int:
+            response = self.store._rpc(client, "leasestub", "LeaseGrant", request, deadline)
+            return int(response.ID)
+
+        return self.store._guarded(f"taking the reload lock {self.key}", operation)
+
+    def _try_create(self) -> tuple[bytes | None, int]:
+        """(None, revision) when the key was created for us, else (its holder, its revision)."""
+        assert self._lease is not None
+        key = self.key.encode()
+        request = etcdrpc.TxnRequest(
+            compare=[
+                etcdrpc.Compare(
+                    key=key,
+                    result=etcdrpc.Compare.EQUAL,
+                    target=etcdrpc.Compare.CREATE,
+                    create_revision=0,
+                )
+            ],
+            success=[
+                etcdrpc.RequestOp(
+                    request_put=etcdrpc.PutRequest(key=key, value=self.value, lease=self._lease)
+                )
+            ],
+            failure=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))],
+        )
+
+        def operation(client: Any, deadline: float) -> tuple[bytes | None, int]:
+            response = self.store._rpc(client, "kvstub", "Txn", request, deadline)
+            if response.succeeded:
+                return None, int(response.header.revision)
+            kvs = response.responses[0].response_range.kvs
+            if not kvs:  # impossible within one transaction; nobody to name: try again
+                return b"", int(response.header.revision)
+            if kvs[0].value == self.value:  # our own put, whose answer was lost
+                return None, int(response.header.revision)
+            return bytes(kvs[0].value), int(kvs[0].mod_revision)
+
+        return self.store._guarded(f"taking the reload lock {self.key}", operation)
+
+    @staticmethod
+    def _keepalive(store: EtcdStore, lease: int) -> int:
+        """Refresh the lease; its remaining TTL (0: it expired, the lock is gone)."""
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
+
+        def operation(client: Any, deadline: float) -> int:
+            responses = store._rpc(client, "leasestub", "LeaseKeepAlive", iter([request]), deadline)
+            for response in responses:
+                return int(response.TTL)
+            return 0
+
+        return store._guarded("refreshing the reload lock's lease", operation)
+
+    def _refresh(self, lease: int) -> None:
+        """Keep the lease alive until released; a failed refresh is retried next tick."""
+        config = self.store.config
+        with EtcdStore(replace(config, timeout=min(config.timeout, self.ttl / 3))) as store:
+            while not self._stop.wait(self.ttl / 3):
+                with contextlib.suppress(EtcdError):
+                    self._keepalive(store, lease)

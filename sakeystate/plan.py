@@ -158,6 +158,7 @@ class Plan:
     host: str | None = None
     verified_kids: tuple[str, ...] = ()  # what this host's apiserver verifies after the plan
     next_event: datetime | None = None  # the next moment at which time alone changes the plan
+    current: tuple[tuple[str, str], ...] = ()  # (host, its current kid), sorted by host
 
     @property
     def changed(self) -> bool:
@@ -942,6 +943,7 @@ def plan(
         verified_kids=tuple(sorted(verified)),
         bundle_changed=key_set_changed,
         next_event=_next_event(work),
+        current=tuple(sorted(work.current.items())),
     )
 
 

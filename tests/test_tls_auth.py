@@ -315,6 +315,10 @@ def auth_etcd() -> Iterator[AuthEtcd]:
         server.etcdctl(
             "role", "grant-permission", "--prefix=true", "sakeystate", "readwrite", AUTH_ROOT
         )
+        # The reload lock (etcd.reload_lock, default key): a lease-backed key of its own.
+        server.etcdctl(
+            "role", "grant-permission", "sakeystate", "readwrite", "/kube-apiserver-sa-reload-lock"
+        )
         server.etcdctl("user", "grant-role", "sakeystate", "sakeystate")
         server.etcdctl("auth", "enable")
         yield AuthEtcd(server, prefix)
