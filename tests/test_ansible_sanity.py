@@ -122,7 +122,14 @@ def test_galaxy_build_ships_the_modules_and_metadata(tmp_path: Path) -> None:
     } <= names
 
     installed = ansible_tool(
-        tmp_path, "ansible-galaxy", "collection", "install", str(tarball), "-p", str(tmp_path)
+        tmp_path,
+        "ansible-galaxy",
+        "collection",
+        "install",
+        "--force",
+        str(tarball),
+        "-p",
+        str(tmp_path),
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     doc = subprocess.run(
@@ -133,7 +140,7 @@ def test_galaxy_build_ships_the_modules_and_metadata(tmp_path: Path) -> None:
         check=False,
     )
     assert doc.returncode == 0, doc.stderr
-    assert str(tmp_path / "ansible_collections") in doc.stdout  # the installed copy
+    assert str(tmp_path / "ansible_collections") in doc.stdout, doc.stderr  # the installed copy
 
 
 def ansible_lint(tmp: Path, playbook: Path) -> subprocess.CompletedProcess[str]:
