@@ -118,6 +118,7 @@ def test_galaxy_build_ships_the_modules_and_metadata(tmp_path: Path) -> None:
         "plugins/modules/reload_done.py",
         "plugins/module_utils/cli.py",
         "CHANGELOG.md",
+        "README.md",
         "LICENSE",
     } <= names
 
