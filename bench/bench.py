@@ -191,7 +191,6 @@ class Cluster:
                 {"fingerprint": k, "host": h} if h else {"fingerprint": k} for k, h in self.trusted
             ],
             "retention": {
-                "expired_grace": "24h",
                 "superseded_grace": "8760h",
                 "min_keys": 1,
                 "max_removals": 2,

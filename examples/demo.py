@@ -129,7 +129,6 @@ class ControlPlane:
                     },
                     "trusted": [{"fingerprint": kid, "host": host} for kid, host in trusted],
                     "retention": {
-                        "expired_grace": "24h",
                         "superseded_grace": "8760h",
                         "min_keys": 1,
                         "max_removals": 1,

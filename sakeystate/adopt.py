@@ -39,7 +39,6 @@ DEFAULT_PREFIX = "/kube-apiserver-sa-certs/"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 # Contract defaults; superseded_grace covers a one-year projected token.
 DEFAULT_RETENTION: Mapping[str, Any] = {
-    "expired_grace": "24h",
     "superseded_grace": "8760h",
     "min_keys": 1,
     "max_removals": 2,
@@ -198,7 +197,7 @@ def adopt(
     for item in keys.values():
         expires = item.key.not_after
         if expires is not None and expires <= at:
-            item.notes.append("certificate expired: converge drops it after expired_grace")
+            item.notes.append("certificate expired: still trusted (kube-apiserver ignores dates)")
     ordered = sorted(keys.values(), key=lambda k: k.kid)
     bundled: tuple[str, ...] = ()
     if observed is not None:

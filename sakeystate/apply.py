@@ -11,19 +11,65 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
 from sakeystate import bundle
-from sakeystate.errors import EtcdError, Refused, ReloadFailed
+from sakeystate.anchors import Anchor, load_roots, verify_any
+from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
-from sakeystate.plan import Plan, plan, plan_publish
-from sakeystate.state import DesiredState
+from sakeystate.plan import LocalFacts, Plan, plan, plan_publish, status_record
+from sakeystate.state import AnchorConfig, BundleConfig, DesiredState
 
 # A guarded write that loses a race is re-planned from a fresh read this often.
 MAX_ATTEMPTS = 5
+RELOAD_CHECK_INTERVAL = 1.0
+MAX_CA_FILE_BYTES = 1024 * 1024
+
+
+def own_key(desired: DesiredState) -> KeyInfo | None:
+    """The key of ``own_cert`` (this host's service-account certificate), if set."""
+    if not desired.own_cert:
+        return None
+    from sakeystate.files import read_capped
+    from sakeystate.keys import MAX_VALUE_BYTES, parse_key_pem
+
+    pem = read_capped(desired.own_cert, MAX_VALUE_BYTES, "own_cert")
+    try:
+        return parse_key_pem(pem)
+    except SakeystateError as exc:
+        raise SakeystateError(f"own_cert {desired.own_cert}: {exc}") from None
+
+
+def local_facts(desired: DesiredState) -> LocalFacts:
+    """What this host adds to the plan; a failure converge would hit becomes a refusal."""
+    problems: list[str] = []
+    own_kid = None
+    try:
+        own = own_key(desired)
+        own_kid = own.kid if own else None
+    except SakeystateError as exc:
+        problems.append(str(exc))
+    anchors = []
+    for config in desired.trust_anchors:
+        try:
+            anchors.append(load_anchor(config))
+        except SakeystateError as exc:
+            problems.append(str(exc))
+    return LocalFacts(own_kid=own_kid, problems=tuple(problems), anchors=tuple(anchors))
+
+
+def load_anchor(config: AnchorConfig) -> Anchor:
+    """A trust anchor with its CA file read and checked (the verifier parses it once)."""
+    from sakeystate.files import read_capped
+
+    what = f"trust_anchors {config.name}: ca_file"
+    pem = read_capped(config.ca_file, MAX_CA_FILE_BYTES, what)
+    load_roots(pem, f"{what} {config.ca_file}")
+    return Anchor(config.name, pem, config.hosts, config.common_name)
 
 
 def observe(
@@ -46,10 +92,17 @@ def observe(
 
 
 def observe_and_plan(
-    desired: DesiredState, store: EtcdStore, at: datetime, allow_removals: bool = False
+    desired: DesiredState,
+    store: EtcdStore,
+    at: datetime,
+    allow_removals: bool = False,
+    reload_by_caller: bool = False,
 ) -> Plan:
     observed = store.read(desired.etcd.prefix)
-    return plan(desired, observed, bundle.observe(desired.bundle), at, allow_removals)
+    found = bundle.observe(desired.bundle)
+    return plan(
+        desired, observed, found, at, allow_removals, local_facts(desired), reload_by_caller
+    )
 
 
 def apply_etcd(store: EtcdStore, current: Plan) -> bool:
@@ -69,7 +122,7 @@ def converge(
     config = desired.bundle
     with bundle.locked(config, desired.etcd.timeout):
         for _attempt in range(MAX_ATTEMPTS):
-            current = observe_and_plan(desired, store, at, allow_removals)
+            current = observe_and_plan(desired, store, at, allow_removals, not run_reload)
             if current.refusals:
                 raise Refused(current)
             if apply_etcd(store, current):
@@ -80,23 +133,72 @@ def converge(
                 "attempts; nothing more was written, run again"
             )
         reload_action = current.reload
+        if reload_action is not None and not current.write_bundle:
+            pass  # owed from an earlier run: the marker is already there
+        elif reload_action is not None:
+            bundle.mark_reload_pending(config, reload_action.reason)
         if current.write_bundle:
-            if reload_action is not None and run_reload:
-                bundle.mark_reload_pending(config, reload_action.reason)
             bundle.write(config, current.bundle_content)
         elif any(a.op == "permissions" for a in current.actions):
             bundle.fix_permissions(config)
         if current.write_jwks and current.jwks_content is not None and config.jwks_path:
             bundle.write(config, current.jwks_content, config.jwks_path)
-        if config.reload and reload_action is not None and run_reload:
+        if reload_action is not None and run_reload and config.reload:
             try:
-                run_reload_command(config.reload, config.reload_timeout)
+                _reload(config)
             except ReloadFailed as exc:
                 exc.plan = current
                 raise
-        if run_reload or not config.reload:
             bundle.clear_reload_pending(config)
+        if reload_action is None or run_reload:
+            # In sync, no reload owed: what this host's apiserver verifies is settled.
+            write_status(desired, store, current, at)
     return current
+
+
+def _reload(config: BundleConfig) -> None:
+    """The reload, then ``reload_check`` polled until it succeeds; one shared deadline."""
+    assert config.reload is not None
+    deadline = time.monotonic() + config.reload_timeout
+    run_reload_command(config.reload, config.reload_timeout)
+    if not config.reload_check:
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ReloadFailed(
+                f"reload_check {' '.join(config.reload_check)!r} did not succeed within "
+                f"reload_timeout ({config.reload_timeout:g}s); the reload will be retried"
+            )
+        try:
+            run_reload_command(config.reload_check, left)
+            return
+        except ReloadFailed:
+            time.sleep(min(RELOAD_CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def reload_done(desired: DesiredState) -> bool:
+    """The caller restarted kube-apiserver: clear the owed reload. True if one was owed."""
+    with bundle.locked(desired.bundle, desired.etcd.timeout):
+        owed = bundle.observe(desired.bundle).reload_pending
+        bundle.clear_reload_pending(desired.bundle)
+    return owed
+
+
+def write_status(desired: DesiredState, store: EtcdStore, current: Plan, at: datetime) -> None:
+    """This host's status record, written (guarded) only when what it says changed."""
+    if desired.host is None:
+        return
+    key = desired.etcd.status_prefix + desired.host
+    for _attempt in range(MAX_ATTEMPTS):
+        existing = store.get(key)
+        value = status_record(desired, current, existing, at)
+        if value is None:
+            return
+        guard = Guard(key, existing.mod_revision if existing else 0)
+        if store.transaction([guard], [Put(key, value)]):
+            return
+    raise EtcdError(f"{key} kept changing during {MAX_ATTEMPTS} attempts; run again")
 
 
 def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
@@ -130,20 +232,81 @@ def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
 
 @dataclass(frozen=True)
 class PublishResult:
-    changed: bool
+    changed: bool  # written (or, with dry_run, would be)
     key: str
     message: str
 
 
-def publish(store: EtcdStore, prefix: str, key: KeyInfo, host: str, at: datetime) -> PublishResult:
+def read_cert_file(path: str, what: str) -> tuple[KeyInfo, tuple[bytes, ...]]:
+    """A certificate (possibly followed by its intermediates) or public key file."""
+    from sakeystate.files import read_capped
+    from sakeystate.keys import MAX_VALUE_BYTES, parse_key_file
+
+    pem = read_capped(path, MAX_VALUE_BYTES, what)
+    try:
+        return parse_key_file(pem)
+    except SakeystateError as exc:
+        raise SakeystateError(f"{what} {path}: {exc}") from None
+
+
+def publish_host(desired: DesiredState, key: KeyInfo) -> str:
+    """The host a key is published for: ``--host``, else the state's ``host`` (R7).
+
+    It must be fully qualified, and one of the names the certificate gives, when it
+    gives any: a certificate issued to another host is never published as this one.
+    """
+    from sakeystate.keys import names_of
+
+    host = desired.host
+    if host is None:
+        raise SakeystateError(
+            "cannot tell which host publishes: this machine's name is not fully qualified; "
+            "pass --host FQDN or set host in the state file"
+        )
+    names = names_of(key)
+    if names and host not in names:
+        raise SakeystateError(
+            f"refusing to publish for {host}: the certificate names {', '.join(names)}, "
+            "not this host"
+        )
+    return host
+
+
+def publish(
+    store: EtcdStore,
+    desired: DesiredState,
+    key: KeyInfo,
+    intermediates: tuple[bytes, ...],
+    at: datetime,
+    dry_run: bool = False,
+) -> PublishResult:
     """Put this host's certificate under its kid; never overwrite a different key."""
-    target = prefix + key.kid
+    host = publish_host(desired, key)
+    if key.kid in desired.revoked:
+        raise SakeystateError(
+            f"refusing to publish {key.kid}: it is revoked ({desired.revoked[key.kid]})"
+        )
+    anchors = local_facts(desired).anchors
+    if desired.trust_anchors and key.kid not in desired.trusted:
+        verdict = verify_any(anchors, key.certificate_pem, intermediates, host, at)
+        if not verdict.trusted:
+            raise SakeystateError(
+                f"refusing to publish {key.kid} for {host}: no trust anchor certifies it "
+                f"({verdict.reason}); its peers would not trust it"
+            )
+    target = desired.etcd.prefix + key.kid
+    attempted: bytes | None = None
     for _attempt in range(MAX_ATTEMPTS):
         existing = store.get(target)
-        decision = plan_publish(target, existing, key, host, at)
+        decision = plan_publish(target, existing, key, host, at, intermediates)
         if decision.value is None:
-            return PublishResult(False, target, decision.message)
+            # A write whose answer was lost may have applied: then it is ours.
+            ours = attempted is not None and existing is not None and existing.value == attempted
+            return PublishResult(ours, target, decision.message)
+        if dry_run:
+            return PublishResult(True, target, "would be " + decision.message)
         guard = Guard(target, existing.mod_revision if existing else 0)
+        attempted = decision.value
         if store.transaction([guard], [Put(target, decision.value)]):
             return PublishResult(True, target, decision.message)
     raise EtcdError(f"{target} kept changing during {MAX_ATTEMPTS} attempts; run again")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sakeystate import __version__
 from sakeystate.errors import SakeystateError, StateError
@@ -23,6 +23,12 @@ DEFAULT_STATE = "/etc/sakeystate/state.yaml"
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 # check's contract for Puppet onlyif: 0 = run the exec (drift, or the check failed), 1 = in sync.
 CHECK_DRIFT, CHECK_IN_SYNC = 0, 1
+
+
+def _now() -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC)
 
 
 def _at(text: str | None) -> datetime:
@@ -43,15 +49,21 @@ def _at(text: str | None) -> datetime:
 def _load(args: argparse.Namespace) -> DesiredState:
     from sakeystate.state import load_state
 
-    return load_state(args.state)
+    return load_state(args.state, getattr(args, "host", None))
 
 
 def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
-    from sakeystate.apply import observe
+    from sakeystate.apply import local_facts, observe
     from sakeystate.plan import plan
 
     observed, found = observe(desired, getattr(args, "observed", None))
-    return plan(desired, observed, found, _at(args.at), args.allow_removals)
+    return plan(desired, observed, found, _at(args.at), args.allow_removals, local_facts(desired))
+
+
+def _json(**fields: Any) -> None:
+    import json
+
+    print(json.dumps({"version": 1, **fields}, indent=2))
 
 
 def _report(plan: Plan, args: argparse.Namespace, verb: str, **fields: Any) -> None:
@@ -69,20 +81,26 @@ def _report(plan: Plan, args: argparse.Namespace, verb: str, **fields: Any) -> N
 def cmd_validate(args: argparse.Namespace) -> int:
     from sakeystate.state import load_state
 
-    failed = False
+    results = []
     for path in args.files:
         try:
-            desired = load_state(path)
+            desired = load_state(path, args.host)
         except StateError as exc:
-            failed = True
+            results.append({"file": path, "valid": False, "errors": exc.problems})
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             continue
-        if not args.quiet:
+        results.append({"file": path, "valid": True, "warnings": list(desired.warnings)})
+        for warning in desired.warnings:
+            print(f"sakeystate: warning: {path}: {warning}", file=sys.stderr)
+        if not args.quiet and args.format == "text":
             print(
                 f"{path}: valid ({desired.cluster}: {len(desired.trusted)} trusted, "
-                f"{len(desired.revoked)} revoked)"
+                f"{len(desired.revoked)} revoked, {len(desired.trust_anchors)} trust anchor(s))"
             )
+    failed = any(not r["valid"] for r in results)
+    if args.format == "json":
+        _json(valid=not failed, files=results)
     return EXIT_ERROR if failed else EXIT_OK
 
 
@@ -107,7 +125,9 @@ def cmd_converge(args: argparse.Namespace) -> int:
     desired = _load(args)
     with EtcdStore(desired.etcd) as store:
         try:
-            applied = converge(desired, store, _at(args.at), args.allow_removals)
+            applied = converge(
+                desired, store, _now(), args.allow_removals, run_reload=not args.no_reload
+            )
         except Refused as exc:
             # Nothing was written: show what would have been, and why it was refused.
             _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)])
@@ -124,49 +144,71 @@ def cmd_converge(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Any failure at all, even an unexpected exception or a missing dependency, is
+    "run the converge" (exit 0): Puppet's onlyif reads exit 1 as "in sync", so a crash
+    read as in sync would silently stop convergence, revocations included."""
     try:
         current = _observe_plan(args, _load(args))
-    except SakeystateError as exc:
-        _print_error(exc)
+        for warning in current.warnings:
+            print(f"sakeystate: warning: {warning}", file=sys.stderr)
+    except Exception as exc:
+        if isinstance(exc, SakeystateError):
+            _print_error(exc)
+        else:
+            print(f"sakeystate: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         print(
             "sakeystate: check failed; exiting 0 so that the guarded converge runs and "
             "reports the failure",
             file=sys.stderr,
         )
+        if args.format == "json":
+            _json(in_sync=False, changed=None, errors=[str(exc)])
         return CHECK_DRIFT
-    if current.refusals:
-        for refusal in current.refusals:
-            print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
-        return CHECK_DRIFT
-    if current.changed:
-        if not args.quiet:
-            from sakeystate.report import summary
+    for refusal in current.refusals:
+        print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
+    drift = bool(current.refusals) or current.changed
+    if args.format == "json":
+        from sakeystate.report import as_dict
 
-            print(summary(current))
-        return CHECK_DRIFT
-    return CHECK_IN_SYNC
+        _json(**{**as_dict(current), "in_sync": not drift})
+    elif drift and not args.quiet:
+        from sakeystate.report import summary
+
+        print(summary(current))
+    return CHECK_DRIFT if drift else CHECK_IN_SYNC
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    import socket
-
-    from sakeystate.apply import publish
+    from sakeystate.apply import publish, read_cert_file
     from sakeystate.etcd import EtcdStore
-    from sakeystate.files import read_capped
-    from sakeystate.keys import MAX_VALUE_BYTES, parse_key_pem
 
     desired = _load(args)
-    pem = read_capped(args.cert, MAX_VALUE_BYTES, "--cert")
-    try:
-        key = parse_key_pem(pem)
-    except SakeystateError as exc:
-        raise SakeystateError(f"--cert {args.cert}: {exc}") from None
-    host = args.host or socket.getfqdn()
+    path = args.cert or desired.own_cert
+    if not path:
+        raise SakeystateError("publish needs --cert FILE, or own_cert in the state file")
+    cert = read_cert_file(path, "--cert" if args.cert else "own_cert")
+    key, intermediates = cert
     with EtcdStore(desired.etcd) as store:
-        result = publish(store, desired.etcd.prefix, key, host, _at(args.at))
-    if not args.quiet or result.changed:
+        result = publish(store, desired, key, intermediates, _now(), dry_run=args.check)
+    if args.format == "json":
+        _json(changed=result.changed, key=result.key, kid=key.kid, message=result.message)
+    elif not args.quiet or result.changed:
         print(result.message)
+    if args.check:
+        return EXIT_CHANGES if result.changed else EXIT_OK
     return EXIT_CHANGES if args.detailed_exitcode and result.changed else EXIT_OK
+
+
+def cmd_reload_done(args: argparse.Namespace) -> int:
+    from sakeystate.apply import reload_done
+
+    owed = reload_done(_load(args))
+    message = "owed reload confirmed and cleared" if owed else "no reload was owed"
+    if args.format == "json":
+        _json(changed=owed, message=message)
+    elif not args.quiet:
+        print(message)
+    return EXIT_OK
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -229,19 +271,66 @@ def _print_error(exc: SakeystateError) -> None:
         print(f"sakeystate: error: {exc}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 on every command (argparse's own default is 2, which
+    ``plan --detailed-exitcode`` and ``publish --check`` use for "changes")."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"sakeystate: error: {message}\n")
+
+
+class _RefuseAt(argparse.Action):
+    """``--at`` on a command that writes: refused (R2). ``converge --at <future>`` once
+    deleted live keys from etcd for the whole cluster."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
+        parser.error(
+            "--at is only for read-only commands (plan, check, inspect, status, "
+            "verify-token): a write always applies policy as of now"
+        )
+
+
+_EXITS = {
+    "validate": "0 every file is valid, 1 not",
+    "plan": "0 (with --detailed-exitcode: 0 no changes, 2 changes); 1 error or refusal",
+    "converge": "0 done (with --detailed-exitcode: 0 unchanged, 2 changed); 1 error",
+    "check": (
+        "INVERTED for Puppet onlyif: 0 converge would change something OR the check "
+        "failed for any reason (error on stderr); 1 in sync"
+    ),
+    "publish": "0 done (with --check: 0 already published, 2 would publish); 1 error",
+    "reload-done": "0 cleared (or nothing owed), 1 error",
+    "snapshot": "0, 1 error",
+    "inspect": "0, 1 error",
+    "adopt": "0, 1 error",
+    "verify-token": "0 the token verifies now and after the plan, 1 not or error",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sakeystate",
         description="Converge kube-apiserver service-account key bundles "
         "from a reviewed state file.",
     )
     parser.add_argument("--version", action="version", version=f"sakeystate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary}. {description}",
+            epilog=f"exit status: {_EXITS[name]}",
+        )
 
     def common(
         p: argparse.ArgumentParser,
         formats: tuple[str, ...] = ("text", "json"),
-        quiet: bool = True,
+        read_only: bool = True,
         observed: str | None = None,
     ) -> None:
         p.add_argument(
@@ -250,19 +339,40 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help=f"desired-state YAML file (default {DEFAULT_STATE})",
         )
-        p.add_argument("--at", metavar="RFC3339", help="evaluate time-based policy at this moment")
+        p.add_argument(
+            "--host",
+            metavar="FQDN",
+            help="this control plane (the state's host: self); default the machine's FQDN",
+        )
+        if read_only:
+            p.add_argument(
+                "--at", metavar="RFC3339", help="evaluate time-based policy at this moment"
+            )
+        else:
+            p.add_argument("--at", action=_RefuseAt, help=argparse.SUPPRESS)
         p.add_argument("--format", choices=formats, default="text")
-        if quiet:
-            p.add_argument("-q", "--quiet", action="store_true", help="nothing when unchanged")
+        p.add_argument(
+            "-q", "--quiet", action="store_true", help="print nothing when nothing changed"
+        )
         if observed:
             p.add_argument("--observed", metavar="SNAPSHOT", help=observed)
 
-    p = sub.add_parser("validate", help="check state files (schema and semantics, no network)")
+    p = command(
+        "validate",
+        "check state files (schema and semantics, no network)",
+        "Every problem names the file, the line and the field.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--host", metavar="FQDN", help="resolve host: self as this host")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid files")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plan", help="show what converge would change (read-only)")
+    p = command(
+        "plan",
+        "show what converge would change (read-only)",
+        "It predicts every refusal and failure converge would hit before writing.",
+    )
     common(
         p,
         ("text", "json", "markdown"),
@@ -278,48 +388,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("converge", help="apply the plan to etcd and the bundle")
-    common(p)
+    p = command(
+        "converge",
+        "apply the plan to etcd and the bundle",
+        "Restarts kube-apiserver (bundle.reload) only when the bundle's key set changed.",
+    )
+    common(p, read_only=False)
     p.add_argument(
         "--detailed-exitcode", action="store_true", help="exit 0 unchanged, 2 changed, 1 error"
     )
     p.add_argument(
         "--allow-removals",
         action="store_true",
-        help="allow removing more than retention.max_removals keys from the bundle",
+        help="allow removing more than retention.max_removals keys, or a host's newest key",
+    )
+    p.add_argument(
+        "--no-reload",
+        action="store_true",
+        help="leave the restart to the caller: the owed reload is reported (reload_needed) "
+        "until `sakeystate reload-done`",
     )
     p.set_defaults(func=cmd_converge)
 
-    p = sub.add_parser(
+    p = command(
         "check",
-        help="for Puppet onlyif: exit 0 if converge would change "
-        "something or the check failed, 1 if in sync",
+        "for Puppet onlyif: exit 0 if converge would change something or the check failed",
+        "Exit codes are inverted (0 = run the converge) so that a failure is never read "
+        "as in sync.",
     )
     common(p)
     p.set_defaults(func=cmd_check, allow_removals=False)
 
-    p = sub.add_parser("publish", help="publish this host's certificate under its kid")
-    common(p)
-    p.add_argument("--cert", required=True, metavar="FILE", help="PEM certificate (or public key)")
-    p.add_argument(
-        "--host", metavar="FQDN", help="host name for the Host header (default: this host)"
+    p = command(
+        "publish",
+        "publish this host's certificate under its kid",
+        "Never overwrites a different key; a same-key renewal keeps its Published time.",
     )
+    common(p, read_only=False)
+    p.add_argument(
+        "--cert",
+        metavar="FILE",
+        help="PEM certificate, optionally followed by its intermediates (default: own_cert)",
+    )
+    p.add_argument("--check", action="store_true", help="write nothing: exit 2 if it would")
     p.add_argument(
         "--detailed-exitcode", action="store_true", help="exit 2 when something was written"
     )
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("snapshot", help="export the etcd prefix (public material only) as JSON")
+    p = command(
+        "reload-done",
+        "confirm that the caller restarted kube-apiserver",
+        "Clears the reload that converge --no-reload left owed.",
+    )
+    common(p, read_only=False)
+    p.set_defaults(func=cmd_reload_done)
+
+    p = command(
+        "snapshot",
+        "export the etcd prefix (public material only) as JSON",
+        "For `plan --observed` on a review machine.",
+    )
     common(p, ("json",))
     p.set_defaults(func=cmd_snapshot, allow_removals=False)
 
-    p = sub.add_parser("inspect", help="table of every key in etcd and the bundle, with its status")
+    p = command(
+        "inspect",
+        "table of every key in etcd and the bundle, with its status",
+        "IN-BUNDLE is the file on disk now; AFTER is the bundle the plan writes.",
+    )
     common(p, observed="inspect a `sakeystate snapshot` file instead of etcd")
     p.set_defaults(func=cmd_inspect, allow_removals=False)
 
-    p = sub.add_parser(
+    p = command(
         "adopt",
-        help="write a first state file from the keys in etcd and/or an existing bundle",
+        "write a first state file from the keys in etcd and/or an existing bundle",
+        "Review its output before use.",
     )
     p.add_argument(
         "--state",
@@ -363,11 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", metavar="RFC3339", help="evaluate certificate dates at this moment")
     p.set_defaults(func=cmd_adopt)
 
-    p = sub.add_parser(
+    p = command(
         "verify-token",
-        help="check a service-account token against the bundle now and after the pending plan",
+        "check a service-account token against the bundle now and after the pending plan",
+        "The token is read from stdin (or a file) so that it never lands in ps or history.",
     )
-    common(p, quiet=False, observed="plan against a snapshot instead of etcd")
+    common(p, observed="plan against a snapshot instead of etcd")
     p.add_argument(
         "token", nargs="?", default="-", metavar="TOKEN", help="the JWT, or - for stdin (default)"
     )
@@ -377,12 +522,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    failed = CHECK_DRIFT if args.command == "check" else EXIT_ERROR
     try:
         code: int = args.func(args)
     except SakeystateError as exc:
         _print_error(exc)
-        return EXIT_ERROR
+        return failed
     except KeyboardInterrupt:
         print("sakeystate: interrupted", file=sys.stderr)
-        return 130
+        return failed if args.command == "check" else 130
+    except Exception as exc:
+        # Never a traceback (the report would be the only output a person reads), and
+        # never an exit status that a caller reads as success or "in sync".
+        print(
+            f"sakeystate: error: internal error ({type(exc).__name__}: {exc}); please report it",
+            file=sys.stderr,
+        )
+        return failed
     return code

@@ -20,7 +20,10 @@ def as_dict(
         "version": REPORT_VERSION,
         "changed": plan.changed if changed is None else changed,
         "cluster": plan.cluster,
+        "host": plan.host,
         "at": format_time(plan.at),
+        "bundle_changed": plan.bundle_changed,
+        "reload_needed": plan.reload is not None,
         "actions": [a.as_dict() for a in plan.actions],
         "bundle": {
             "path": plan.bundle_path,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+import socket
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,11 @@ import yaml
 
 from sakeystate.errors import SakeystateError, StateError
 from sakeystate.files import read_capped
-from sakeystate.keys import normalize_fingerprint
+from sakeystate.keys import normalize_fingerprint, parse_time
 
 MAX_STATE_BYTES = 1024 * 1024
+# Longer durations are typos, and would overflow date arithmetic.
+MAX_DURATION_SECONDS = 36500 * 86400
 SCHEMA_NAME = "sakeystate-v1.schema.json"
 _DURATION_RE = re.compile(r"^(?=\d)(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
@@ -37,7 +41,10 @@ def parse_duration(text: str) -> timedelta:
             f"{text!r} is not a duration: use a number and a unit (s, m, h, d), e.g. 24h or 1h30m"
         )
     days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION_SECONDS // 86400}d (100 years)")
+    return timedelta(seconds=total)
 
 
 def format_duration(delta: timedelta) -> str:
@@ -61,6 +68,8 @@ class EtcdConfig:
     key_file: str | None = None
     username: str | None = None
     password_file: str | None = None
+    status_prefix: str = "/kube-apiserver-sa-status/"
+    reload_lock: str | None = "/kube-apiserver-sa-reload-lock"
 
 
 @dataclass(frozen=True)
@@ -69,15 +78,15 @@ class BundleConfig:
     mode: int = 0o644
     owner: str | None = None
     group: str | None = None
-    exclude_host: str | None = None
+    exclude_host: str | None = None  # resolved: an FQDN equal to the state's host, or None
     reload: tuple[str, ...] | None = None
+    reload_check: tuple[str, ...] | None = None
     reload_timeout: float = 300.0
     jwks_path: str | None = None
 
 
 @dataclass(frozen=True)
 class Retention:
-    expired_grace: timedelta = timedelta(hours=24)
     superseded_grace: timedelta = timedelta(hours=8760)
     min_keys: int = 1
     max_removals: int = 2
@@ -92,8 +101,21 @@ class TrustedKey:
 
 
 @dataclass(frozen=True)
+class AnchorConfig:
+    name: str
+    ca_file: str
+    hosts: tuple[str, ...]
+    common_name: str | None = None
+
+
+@dataclass(frozen=True)
 class DesiredState:
-    """A validated state file. Fingerprints are normalized to kids."""
+    """A validated state file. Fingerprints are normalized to kids, host names lowercased.
+
+    ``host`` is this control plane, resolved (``self`` is ``--host``, else the
+    machine's FQDN); None when it could not be determined, which only the commands
+    that need it (exclude_host, own_cert, status records, publish) refuse.
+    """
 
     source: str
     cluster: str
@@ -102,6 +124,23 @@ class DesiredState:
     trusted: Mapping[str, TrustedKey]
     revoked: Mapping[str, str] = field(default_factory=dict)
     retention: Retention = field(default_factory=Retention)
+    host: str | None = None
+    own_cert: str | None = None
+    fleet_hosts: tuple[str, ...] | None = None  # the `fleet` field as written
+    trust_anchors: tuple[AnchorConfig, ...] = ()
+    decommissioned: Mapping[str, datetime] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # valid, but probably not what the author meant
+
+    @property
+    def fleet(self) -> tuple[str, ...]:
+        """``fleet`` when set, else every host named by anchors and trusted, minus
+        decommissioned hosts."""
+        if self.fleet_hosts is not None:
+            named: Iterable[str] = self.fleet_hosts
+        else:
+            named = [h for a in self.trust_anchors for h in a.hosts]
+            named += [t.host for t in self.trusted.values() if t.host]
+        return tuple(sorted({h for h in named if h not in self.decommissioned}))
 
 
 # libyaml when PyYAML was built with it (12x faster on a 10,000-key state file); both
@@ -116,6 +155,7 @@ class _Refused(Exception):
 
 
 _STR = "tag:yaml.org,2002:str"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 
@@ -145,7 +185,11 @@ def _construct(
     seen_nodes.add(id(node))
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.ScalarNode):
-        return node.value if node.tag == _STR else loader.construct_object(node, deep=True)
+        # Timestamps stay text: the schema checks RFC 3339, and ``at: 2026-11-01T00:00:00Z``
+        # is what people write unquoted.
+        if node.tag in (_STR, _TIMESTAMP):
+            return node.value
+        return loader.construct_object(node, deep=True)
     if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
         mapping: dict[Any, Any] = {}
         first_line: dict[Any, int] = {}
@@ -213,139 +257,71 @@ def _line_for(path: FieldPath, lines: Mapping[FieldPath, int]) -> int:
     return lines.get(path, 1)
 
 
-_ANNOTATIONS = {"description", "default", "title", "$schema", "$id", "$defs"}
-Check = Callable[[Any], bool]
-
-
-def _compile(schema: Mapping[str, Any]) -> Check | None:
-    """A predicate that accepts only what jsonschema accepts, or None if it cannot tell.
-
-    Compiled from the (inlined) schema itself, so the schema stays the single
-    source of truth. It covers the keywords the state schema uses and is
-    conservative: where it is unsure (an unknown keyword, a float where an
-    integer is expected, non-string items to compare) it says "not valid" and
-    jsonschema, which gives the exact message, decides. tests/test_state.py
-    checks it against jsonschema on generated documents.
-    """
-    keys = set(schema) - _ANNOTATIONS
-    kind = schema.get("type")
-    checks: list[Check] = []
-    if "const" in schema:
-        const = schema["const"]
-        if type(const) is not str:
-            return None
-        checks.append(lambda v: type(v) is str and v == const)
-    if kind == "object":
-        props = {name: _compile(sub) for name, sub in schema.get("properties", {}).items()}
-        if any(check is None for check in props.values()):
-            return None
-        allow_extra = schema.get("additionalProperties", True)
-        if allow_extra not in (True, False):
-            return None
-        required = tuple(schema.get("required", ()))
-        dependent = {k: tuple(v) for k, v in schema.get("dependentRequired", {}).items()}
-
-        def valid_object(v: Any) -> bool:
-            if type(v) is not dict or any(name not in v for name in required):
-                return False
-            if any(k in v and any(d not in v for d in deps) for k, deps in dependent.items()):
-                return False
-            for name, value in v.items():
-                check = props.get(name)
-                if check is None:
-                    if allow_extra:
-                        continue
-                    return False
-                if not check(value):
-                    return False
-            return True
-
-        checks.append(valid_object)
-        keys -= {"type", "properties", "additionalProperties", "required", "dependentRequired"}
-    elif kind == "array":
-        item_check = _compile(schema.get("items", {}))
-        if item_check is None:
-            return None
-        min_items, unique = schema.get("minItems", 0), schema.get("uniqueItems", False)
-
-        def valid_array(v: Any) -> bool:
-            if type(v) is not list or len(v) < min_items or not all(map(item_check, v)):
-                return False
-            # Only strings are compared here; anything else goes to jsonschema.
-            return not unique or (all(type(i) is str for i in v) and len(set(v)) == len(v))
-
-        checks.append(valid_array)
-        keys -= {"type", "items", "minItems", "uniqueItems"}
-    elif kind == "string":
-        pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
-        min_length = schema.get("minLength", 0)
-
-        def valid_string(v: Any) -> bool:
-            if type(v) is not str or len(v) < min_length:
-                return False
-            return pattern is None or pattern.search(v) is not None
-
-        checks.append(valid_string)
-        keys -= {"type", "pattern", "minLength"}
-    elif kind == "integer":
-        minimum = schema.get("minimum")
-        checks.append(lambda v: type(v) is int and (minimum is None or v >= minimum))
-        keys -= {"type", "minimum"}
-    elif kind is not None:
-        return None
-    keys.discard("const")
-    if keys:
-        return None
-    return lambda v: all(check(v) for check in checks)
-
-
-@cache
-def _fast_checks() -> tuple[Check | None, dict[str, Check]]:
-    """The whole document's predicate, and each long list's (trusted, revoked)."""
-    schema = _inlined_schema()
-    properties = schema.get("properties", {})
-    lists = {name: _compile(properties[name]) for name in ("trusted", "revoked")}
-    return _compile(schema), {name: check for name, check in lists.items() if check}
-
-
 def _schema_problems(data: Any, src: str, lines: Mapping[FieldPath, int]) -> list[str]:
-    document_check, list_checks = _fast_checks()
-    if document_check is not None and document_check(data):
-        return []  # valid, and jsonschema (85 ms to import) is not needed on this run
     validator = _validator()
-    if isinstance(data, dict):
-        # A long key list that its predicate accepts is left out, so that jsonschema
-        # spends its time only where the problem is.
-        data = {k: ([] if k in list_checks and list_checks[k](v) else v) for k, v in data.items()}
-    problems: list[tuple[int, str]] = []
+    problems: list[tuple[int, str]] = [
+        (_line_for(path, lines), f"{_dotted(path)}: {why}")
+        for path, why in _control_characters(data)
+    ]
     for error in validator.iter_errors(data):
         path: FieldPath = tuple(error.absolute_path)
         message = error.message
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = sorted(error.schema.get("properties", {}))
-            for extra in sorted(set(error.instance) - set(allowed)):
+            for extra in sorted(set(error.instance) - set(allowed), key=str):
                 at = (*path, extra)
-                problems.append(
-                    (
-                        _line_for(at, lines),
-                        f"{_dotted(at)}: unknown field; allowed here: {', '.join(allowed)}",
-                    )
-                )
+                why = _REMOVED_FIELDS.get(at, f"unknown field; allowed here: {', '.join(allowed)}")
+                problems.append((_line_for(at, lines), f"{_dotted(at)}: {why}"))
             continue
+        if error.validator == "anyOf" and path and path[-1] in ("host", "exclude_host"):
+            message = f"{error.instance!r} is not valid: expected self or {_HINTS['fqdn']}"
         if error.validator == "pattern":
-            hint = {
-                "duration": "a number and a unit (s, m, h, d), e.g. 24h or 1h30m",
-                "fingerprint": "a kid (43 base64url characters) or sha256:<64 hex digits>",
-                "fqdn": "a host name such as ctrl1001.example.org",
-                "abspath": "an absolute path",
-            }
-            ref = next((k for k in hint if _schema_is(error.schema, k)), None)
+            ref = next((k for k in _HINTS if _schema_is(error.schema, k)), None)
             if ref:
-                message = f"{error.instance!r} is not valid: expected {hint[ref]}"
+                message = f"{error.instance!r} is not valid: expected {_HINTS[ref]}"
+            elif path and path[-1] == "mode":
+                message = (
+                    f"{error.instance!r} is not valid: expected an octal mode that group and "
+                    'others cannot write, e.g. "0644" or "0640"'
+                )
         if path and path[-1] == "mode" and error.validator == "type":
             message = f'{error.instance!r} is not a string: quote the mode, e.g. mode: "0644"'
         problems.append((_line_for(path, lines), f"{_dotted(path)}: {message}"))
     return [f"{_where(src, line, lines)}: {text}" for line, text in sorted(problems)]
+
+
+_HINTS = {
+    "duration": "a number and a unit (s, m, h, d), e.g. 24h or 1h30m",
+    "fingerprint": "a kid (43 base64url characters) or sha256:<64 hex digits>",
+    "fqdn": "a host name such as ctrl1001.example.org",
+    "abspath": "an absolute path",
+    "timestamp": "RFC 3339 with a time zone, e.g. 2026-11-01T00:00:00Z",
+}
+# Fields that existed once: their error says why they are gone.
+_REMOVED_FIELDS: dict[FieldPath, str] = {
+    ("retention", "expired_grace"): (
+        "expired_grace was removed: certificate expiry never removes a key, because "
+        "kube-apiserver ignores certificate dates and a host whose renewal is late still "
+        "signs with its key; retention is superseded_grace (after the host's next key) "
+        "and decommissioned hosts (after max_token_lifetime)"
+    ),
+}
+
+
+def _control_characters(data: Any, path: FieldPath = ()) -> Iterator[tuple[FieldPath, str]]:
+    """Every string (keys included) holding a control character, e.g. a block scalar's
+    trailing newline that a ``$``-anchored pattern lets through."""
+    if isinstance(data, str):
+        bad = next((c for c in data if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            yield path, f"contains the control character {bad!r}; no string may"
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _control_characters(key, (*path, key) if isinstance(key, str) else path)
+            yield from _control_characters(value, (*path, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _control_characters(value, (*path, index))
 
 
 def _schema_is(schema: Mapping[str, Any], name: str) -> bool:
@@ -355,8 +331,8 @@ def _schema_is(schema: Mapping[str, Any], name: str) -> bool:
 
 @cache
 def _validator() -> Any:
-    """jsonschema's validator of the inlined schema, for the messages of an invalid state."""
-    import jsonschema  # only an invalid state pays for it
+    """jsonschema's validator of the inlined schema: the library decides validity."""
+    import jsonschema
 
     return jsonschema.Draft202012Validator(_inlined_schema())
 
@@ -387,7 +363,7 @@ def _iter_fingerprints(data: Mapping[str, Any], section: str) -> Iterator[tuple[
     yield from enumerate(data.get(section) or [])
 
 
-def load_state_text(text: str, source: str) -> DesiredState:
+def load_state_text(text: str, source: str, host: str | None = None) -> DesiredState:
     """Parse and validate state file text; ``source`` names it in every error."""
     lines: dict[FieldPath, int] = {}
     problems: list[str] = []
@@ -415,21 +391,43 @@ def load_state_text(text: str, source: str) -> DesiredState:
         raise StateError(
             source, [f"{source}:1: the state must be a mapping (apiVersion, cluster, etcd, ...)"]
         )
-    return state_from_data(data, source, lines)
+    return state_from_data(data, source, lines, host)
 
 
 def state_from_data(
-    data: Mapping[str, Any], source: str, lines: Mapping[FieldPath, int] | None = None
+    data: Mapping[str, Any],
+    source: str,
+    lines: Mapping[FieldPath, int] | None = None,
+    host: str | None = None,
 ) -> DesiredState:
-    """Validate an already-parsed mapping (the Ansible module's inline ``state``)."""
+    """Validate an already-parsed mapping (the Ansible module's inline state).
+
+    ``host`` is ``--host``: this control plane, when the caller knows it.
+    """
     lines = lines or {}
     problems = _schema_problems(data, source, lines)
     if problems:
         raise StateError(source, problems)
-    return _build(data, source, lines)
+    return _build(data, source, lines, host)
 
 
-def load_state(path: str | Path) -> DesiredState:
+def machine_fqdn() -> str | None:
+    """This machine's fully qualified name, or None when it has none (``localhost``)."""
+    name = socket.getfqdn().lower().rstrip(".")
+    return name if is_fqdn(name) else None
+
+
+_FQDN_RE = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+\Z"
+)
+
+
+def is_fqdn(name: str) -> bool:
+    """A fully qualified host name: at least two labels (``localhost`` is not one)."""
+    return bool(_FQDN_RE.match(name.lower())) and name.lower() != "localhost.localdomain"
+
+
+def load_state(path: str | Path, host: str | None = None) -> DesiredState:
     source = str(path)
     try:
         raw = read_capped(source, MAX_STATE_BYTES, "state file")
@@ -439,10 +437,12 @@ def load_state(path: str | Path) -> DesiredState:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StateError(source, [f"{source}: not UTF-8 text (byte {exc.start})"]) from None
-    return load_state_text(text, source)
+    return load_state_text(text, source, host)
 
 
-def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) -> DesiredState:
+def _build(
+    data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int], host_flag: str | None
+) -> DesiredState:
     problems: list[str] = []
 
     def where(path: FieldPath) -> str:
@@ -468,7 +468,10 @@ def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) ->
             )
             continue
         first_seen[kid] = ("trusted", index)
-        trusted[kid] = TrustedKey(kid=kid, host=entry.get("host"), note=entry.get("note"))
+        named = entry.get("host")
+        trusted[kid] = TrustedKey(
+            kid=kid, host=named.lower().rstrip(".") if named else None, note=entry.get("note")
+        )
     revoked: dict[str, str] = {}
     for index, entry in _iter_fingerprints(data, "revoked"):
         kid = kid_at("revoked", index, entry)
@@ -490,30 +493,92 @@ def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) ->
     etcd = data["etcd"]
     tls = etcd.get("tls") or {}
     auth = etcd.get("auth") or {}
-    for scheme_path in (("etcd", "endpoints", i) for i in range(len(etcd["endpoints"]))):
-        url = etcd["endpoints"][scheme_path[-1]]
+    for index, url in enumerate(etcd["endpoints"]):
         if url.startswith("https://") and not tls.get("ca_file"):
-            problems.append(f"{where(scheme_path)}: https endpoint needs etcd.tls.ca_file")
+            problems.append(
+                f"{where(('etcd', 'endpoints', index))}: https endpoint needs etcd.tls.ca_file"
+            )
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        if not 0 < port < 65536:
+            problems.append(f"{where(('etcd', 'endpoints', index))}: port {port} is not 1-65535")
     bundle = data["bundle"]
     retention = data.get("retention") or {}
+    lifetime = retention.get("max_token_lifetime", "8760h")
     durations: dict[FieldPath, timedelta] = {}
     for path, value in (
         (("etcd", "timeout"), etcd.get("timeout", "5s")),
         (("bundle", "reload_timeout"), bundle.get("reload_timeout", "5m")),
-        (("retention", "expired_grace"), retention.get("expired_grace", "24h")),
-        (("retention", "superseded_grace"), retention.get("superseded_grace", "8760h")),
-        (("retention", "max_token_lifetime"), retention.get("max_token_lifetime", "8760h")),
+        (("retention", "max_token_lifetime"), lifetime),
+        (("retention", "superseded_grace"), retention.get("superseded_grace", lifetime)),
     ):
-        durations[path] = parse_duration(value)
+        try:
+            durations[path] = parse_duration(value)
+        except ValueError as exc:
+            problems.append(f"{where(path)}: {exc}")
     for path in (("etcd", "timeout"), ("bundle", "reload_timeout")):
-        if durations[path] <= timedelta(0):
+        if path in durations and durations[path] <= timedelta(0):
             problems.append(f"{where(path)}: must be longer than 0s")
+    if bundle.get("jwks_path") is not None and bundle.get("jwks_path") == bundle["path"]:
+        problems.append(f"{where(('bundle', 'jwks_path'))}: must not be bundle.path")
+    host = _resolve_host(data.get("host", "self"), host_flag, where(("host",)), problems)
+    exclude = bundle.get("exclude_host")
+    if exclude is not None:
+        exclude = exclude.lower().rstrip(".")
+        if exclude == "self":
+            # Unresolved (no --host, no FQDN on this machine) stays "self": validate on a
+            # review machine accepts it, and the planner refuses to guess.
+            exclude = host or "self"
+        elif host is not None and exclude != host:
+            problems.append(
+                f"{where(('bundle', 'exclude_host'))}: names {exclude}, but this host is "
+                f"{host}; use exclude_host: self (one file serves every control plane)"
+            )
+    decommissioned: dict[str, datetime] = {}
+    for index, entry in enumerate(data.get("decommissioned") or []):
+        name = entry["host"].lower().rstrip(".")
+        try:
+            decommissioned[name] = parse_time(entry["at"])
+        except ValueError as exc:
+            problems.append(f"{where(('decommissioned', index, 'at'))}: {exc}")
+    anchors = tuple(
+        AnchorConfig(
+            name=a["name"],
+            ca_file=a["ca_file"],
+            hosts=tuple(h.lower().rstrip(".") for h in a["hosts"]),
+            common_name=a.get("common_name"),
+        )
+        for a in data.get("trust_anchors") or []
+    )
+    names = [a.name for a in anchors]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            problems.append(f"{where(('trust_anchors', index, 'name'))}: duplicate anchor {name}")
     if problems:
         raise StateError(src, problems)
 
+    warnings = [
+        f"{where(('trust_anchors', i))}: no common_name: any certificate this CA issued "
+        f"naming a fleet host (its serving certificate too) makes that key trusted; set "
+        "common_name to the service-account profile's CN (e.g. sa)"
+        for i, a in enumerate(anchors)
+        if a.common_name is None
+    ]
+    grace = durations[("retention", "superseded_grace")]
+    if grace < durations[("retention", "max_token_lifetime")]:
+        warnings.append(
+            f"{where(('retention', 'superseded_grace'))}: shorter than max_token_lifetime: "
+            "tokens a superseded key signed may still be valid when it is dropped"
+        )
+    fleet = data.get("fleet")
     return DesiredState(
+        warnings=tuple(warnings),
         source=src,
         cluster=data["cluster"],
+        host=host,
+        own_cert=data.get("own_cert"),
+        fleet_hosts=tuple(h.lower().rstrip(".") for h in fleet) if fleet is not None else None,
+        trust_anchors=anchors,
+        decommissioned=decommissioned,
         etcd=EtcdConfig(
             endpoints=tuple(etcd["endpoints"]),
             prefix=etcd.get("prefix", EtcdConfig.prefix),
@@ -523,24 +588,43 @@ def _build(data: Mapping[str, Any], src: str, lines: Mapping[FieldPath, int]) ->
             key_file=tls.get("key_file"),
             username=auth.get("username"),
             password_file=auth.get("password_file"),
+            status_prefix=etcd.get("status_prefix", EtcdConfig.status_prefix),
+            reload_lock=etcd.get("reload_lock", EtcdConfig.reload_lock),
         ),
         bundle=BundleConfig(
             path=bundle["path"],
             mode=int(bundle.get("mode", "0644"), 8),
             owner=bundle.get("owner"),
             group=bundle.get("group"),
-            exclude_host=bundle.get("exclude_host"),
+            exclude_host=exclude,
             reload=tuple(bundle["reload"]) if bundle.get("reload") else None,
+            reload_check=tuple(bundle["reload_check"]) if bundle.get("reload_check") else None,
             reload_timeout=durations[("bundle", "reload_timeout")].total_seconds(),
             jwks_path=bundle.get("jwks_path"),
         ),
         trusted=trusted,
         revoked=revoked,
         retention=Retention(
-            expired_grace=durations[("retention", "expired_grace")],
             superseded_grace=durations[("retention", "superseded_grace")],
             min_keys=retention.get("min_keys", 1),
             max_removals=retention.get("max_removals", 2),
             max_token_lifetime=durations[("retention", "max_token_lifetime")],
         ),
     )
+
+
+def _resolve_host(written: str, flag: str | None, where: str, problems: list[str]) -> str | None:
+    """``host`` of the state: self is ``--host``, else the machine's FQDN."""
+    written = written.lower().rstrip(".")
+    given = flag.lower().rstrip(".") if flag else None
+    if given is not None and not is_fqdn(given):
+        problems.append(f"--host {flag!r} is not a fully qualified host name")
+        return None
+    if written == "self":
+        return given or machine_fqdn()
+    if given is not None and given != written:
+        problems.append(
+            f"{where}: this state file is for {written}, but --host is {given}; "
+            "use host: self to share one file between control planes"
+        )
+    return written

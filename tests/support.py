@@ -161,7 +161,6 @@ def state_data(
         "bundle": {"path": str(bundle_path)},
         "trusted": entries,
         "retention": {
-            "expired_grace": "24h",
             "superseded_grace": "8760h",
             "min_keys": 1,
             "max_removals": 2,
@@ -187,12 +186,44 @@ class Result:
     err: str
 
 
+# Commands that refuse --at (they write, so they always act as of now). The tests' own
+# clock stands in for "now" for them: `run_cli("converge", "--at", T)` runs converge
+# in-process with the CLI's clock set to T, as if the test ran at that moment.
+_WRITERS = {"converge", "publish", "reload-done", "watch"}
+
+
+@contextlib.contextmanager
+def clock(at: datetime | None) -> Iterator[None]:
+    """The CLI's notion of now, for in-process runs (a test's frozen clock)."""
+    if at is None:
+        yield
+        return
+    import sakeystate.cli
+
+    real = sakeystate.cli._now
+    sakeystate.cli._now = lambda: at
+    try:
+        yield
+    finally:
+        sakeystate.cli._now = real
+
+
+def _split_clock(args: list[str]) -> tuple[list[str], datetime | None]:
+    if not args or args[0] not in _WRITERS or "--at" not in args:
+        return args, None
+    from sakeystate.keys import parse_time
+
+    index = args.index("--at")
+    return args[:index] + args[index + 2 :], parse_time(args[index + 1])
+
+
 def run_cli(*args: str) -> Result:
     """Run the CLI in-process (fast); exit code, stdout and stderr as a user sees them."""
+    argv, at = _split_clock(list(args))
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), clock(at):
         try:
-            code = cli_main(list(args))
+            code = cli_main(argv)
         except SystemExit as exc:  # argparse usage errors
             code = int(exc.code or 0)
     return Result(code, out.getvalue(), err.getvalue())
@@ -205,3 +236,86 @@ def run_sakeystate(*args: str, timeout: float = 60) -> Result:
         [str(exe), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- certificate chains and hostile DER (keys tests) ------------------------------------------
+
+
+def make_chained_cert(
+    key: Any,
+    subject_cn: str,
+    issuer_key: Any | None = None,
+    issuer_cn: str | None = None,
+    ca: bool | None = None,
+    dns_names: tuple[str, ...] = (),
+    not_after: datetime | None = None,
+) -> bytes:
+    """A certificate PEM for ``key`` signed by ``issuer_key`` (self-signed without one).
+
+    ``ca`` adds basicConstraints (True: a CA, False: an end entity, None: no extension);
+    ``dns_names`` adds a SAN. Enough to build a cfssl-like root -> intermediate -> leaf.
+    """
+    issuer_key = issuer_key or key
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn or subject_cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=30))
+        .not_valid_after(not_after or T0 + timedelta(days=365))
+    )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+    if dns_names:
+        names = [x509.DNSName(n) for n in dns_names]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def pem_to_der(pem: bytes) -> bytes:
+    """The DER of the first PEM block (strict, for test fixtures only)."""
+    import base64
+
+    body = b"".join(line for line in pem.splitlines() if line and not line.startswith(b"-----"))
+    return base64.b64decode(body)
+
+
+def der_to_pem(der: bytes, label: str = "CERTIFICATE") -> bytes:
+    import base64
+
+    body = base64.b64encode(der)
+    lines = b"".join(body[i : i + 64] + b"\n" for i in range(0, len(body), 64))
+    return f"-----BEGIN {label}-----\n".encode() + lines + f"-----END {label}-----\n".encode()
+
+
+def der_element(tag: int, content: bytes) -> bytes:
+    """One DER element (definite length)."""
+    size = len(content)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def der_children(element: bytes) -> tuple[int, list[bytes]]:
+    """(tag, child elements) of one constructed DER element, for test surgery."""
+    tag, pos = element[0], 2
+    size = element[1]
+    if size & 0x80:
+        count = size & 0x7F
+        size, pos = int.from_bytes(element[2 : 2 + count], "big"), 2 + count
+    content, children = element[pos : pos + size], []
+    while content:
+        head = 2
+        length = content[1]
+        if length & 0x80:
+            count = length & 0x7F
+            length, head = int.from_bytes(content[2 : 2 + count], "big"), 2 + count
+        children.append(content[: head + length])
+        content = content[head + length :]
+    return tag, children

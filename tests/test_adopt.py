@@ -143,9 +143,15 @@ def test_adopt_from_etcd_alone_trusts_every_valid_key_and_nothing_else(env: Env)
     result = run_adopt(env, "--bundle-path", str(env.bundle))
     assert result.code == 0, result.err
     assert schema_errors(result.out) == []
-    assert trusted_of(result.out) == entries(kids)
-    mentions = [ln for ln in result.out.splitlines() if kid(long_expired) in ln]
-    assert mentions and all(ln.startswith("# warning: ") for ln in mentions)
+    # R1: an expired certificate's key still verifies tokens (kube-apiserver ignores the
+    # dates, and a late renewal keeps signing with it), so it is adopted, with a note.
+    expected = entries(kids) + [
+        {"fingerprint": kid(long_expired), "host": "ctrl1009.example.org"}
+    ]
+    assert trusted_of(result.out) == sorted(expected, key=lambda e: e["fingerprint"])
+    assert "certificate expired: still trusted" in "\n".join(
+        comment_above(result.out, kid(long_expired))
+    )
     assert "expired" in result.err and "poisoned" in result.err
 
     env.state_path.write_text(result.out)

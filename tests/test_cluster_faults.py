@@ -152,7 +152,9 @@ class Scenario:
         )
 
     def converge(self, index: int) -> Any:
-        return self.env.cli("converge", "--state", str(self.states[index]), "--at", AT)
+        return self.env.cli(
+            "converge", "--state", str(self.states[index]), "--at", AT, "--allow-removals"
+        )
 
     def trusted_present(self) -> bool:
         dump = self.cluster.dump(self.prefix)

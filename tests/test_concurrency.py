@@ -86,7 +86,8 @@ def test_three_control_planes_and_a_publisher_never_lose_a_trusted_key(env: Env)
             env.prefix,
             bundle,
             trusted,
-            bundle={"exclude_host": host},
+            host=host,
+            bundle={"exclude_host": "self"},
             revoked=revoked_list,
             retention={"max_removals": 4},
         )
@@ -105,7 +106,7 @@ def test_three_control_planes_and_a_publisher_never_lose_a_trusted_key(env: Env)
         step: list[tuple[str, list[str]]] = [
             (
                 "cli",
-                ["publish", "--state", str(states[0]), "--cert", str(cert), "--host", HOSTS[i]],
+                ["publish", "--state", str(states[i]), "--cert", str(cert), "--host", HOSTS[i]],
             ),
             (
                 "put",
@@ -137,7 +138,7 @@ def test_three_control_planes_and_a_publisher_never_lose_a_trusted_key(env: Env)
                 [
                     (
                         "cli",
-                        ["converge", "--state", str(states[index]), "--at", AT, "--format", "json"],
+                        ["converge", "--state", str(states[index]), "--format", "json"],
                     )
                 ]
                 for _ in range(ROUNDS)

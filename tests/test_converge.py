@@ -24,9 +24,9 @@ def reload_counter(env: Env, fail_flag: Path | None = None) -> tuple[list[str], 
     """A reload argv that appends a line to a log, and fails while ``fail_flag`` exists."""
     log = env.tmp / "reloads.log"
     script = (
-        "import os, sys\n"
-        "if len(sys.argv) > 2 and os.path.exists(sys.argv[2]): sys.exit(3)\n"
-        "open(sys.argv[1], 'a').write('reload\\n')\n"
+        "import os, sys; "
+        "sys.exit(3) if len(sys.argv) > 2 and os.path.exists(sys.argv[2]) else None; "
+        "open(sys.argv[1], 'a').write('reload' + chr(10))"
     )
     argv = [sys.executable, "-c", script, str(log)]
     if fail_flag is not None:
@@ -166,26 +166,27 @@ def test_superseded_key_goes_after_its_grace_and_not_before(env: Env) -> None:
     assert f"superseded by {new_kid}" in delete["reason"]
 
 
-def test_expired_key_is_dropped_after_its_grace_and_not_before(env: Env) -> None:
+def test_expired_certificate_never_removes_a_current_key_and_warns_every_run(env: Env) -> None:
+    """Observation 3 (R1): a host whose renewal is late still signs with its key; kube-apiserver
+    ignores certificate dates, so expiry removes nothing, however long ago."""
     expiring = env.publish(private_key("ec256", 3), A, not_after=T0 + timedelta(days=10))
     others = [env.publish(private_key("ec521", i), h) for i, h in ((1, B), (2, C))]
     env.state([(expiring, A), (others[0], B), (others[1], C)])
     assert env.cli("converge", "--at", AT).code == 0
-    within_grace = "2026-12-03T09:59:59Z"  # expired 2026-12-02T10:00:00Z, grace 24h
-    result = env.cli("converge", "--at", within_grace, "--format", "json")
-    assert json.loads(result.out)["actions"] == []
+    before = env.bundle_bytes()
+    for later in ("2026-12-03T10:00:00Z", "2031-01-01T00:00:00Z"):
+        plan = env.cli("plan", "--at", later, "--format", "json", "--detailed-exitcode")
+        assert plan.code == 0, plan.err
+        assert json.loads(plan.out)["actions"] == []
+        assert f"{A}'s current key {expiring} expired 2026-12-02T10:00:00Z" in plan.err
+        result = env.cli("converge", "--at", later, "--format", "json")
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["actions"] == []
+        assert "expired 2026-12-02T10:00:00Z: the key is kept" in result.err
+        check = env.cli("check", "--at", later)
+        assert check.code == 1 and "expired" in check.err
+    assert env.bundle_bytes() == before
     assert expiring in bundle_kids(env) and env.prefix + expiring in env.dump()
-    result = env.cli("converge", "--at", "2026-12-03T10:00:00Z", "--format", "json")
-    assert result.code == 0, result.err
-    actions = json.loads(result.out)["actions"]
-    assert {(a["target"], a["op"], a.get("kid")) for a in actions} == {
-        ("bundle", "remove", expiring),
-        ("etcd", "delete", expiring),
-    }
-    assert "certificate expired 2026-12-02T10:00:00Z, grace 24h" in actions[1]["reason"]
-    assert "tokens with kid " + expiring + " stop validating" in actions[0]["reason"]
-    assert expiring not in bundle_kids(env)
-    assert env.prefix + expiring not in env.dump()
 
 
 def test_revoked_key_leaves_bundle_and_etcd(env: Env) -> None:
@@ -377,6 +378,10 @@ def test_publish_is_put_if_absent_idempotent_and_never_overwrites(env: Env) -> N
     again = env.cli("publish", "--cert", str(cert), "--host", A, "--detailed-exitcode")
     assert again.code == 0 and env.etcd.get(env.prefix + kid(key)) == stored
     other_host = env.cli("publish", "--cert", str(cert), "--host", B)
+    assert other_host.code == 1 and f"the certificate names {A}, not this host" in other_host.err
+    unnamed = env.tmp / "sa.pem"  # the seed PKI's shape: CN sa, no SAN
+    unnamed.write_bytes(make_cert(key, "sa"))
+    other_host = env.cli("publish", "--cert", str(unnamed), "--host", B)
     assert other_host.code == 1 and "already published by host" in other_host.err
     poison = entry_value(private_key("ec256", 8), A)
     env.etcd.put(env.prefix + kid(key), poison)
@@ -500,13 +505,15 @@ def test_console_script_and_module_entry_points(env: Env, entry: list[str]) -> N
     three_planes(env)
     exe = [str(Path(sys.executable).parent / entry[0]), *entry[1:]] if len(entry) == 1 else entry
     proc = subprocess.run(
-        [*exe, "converge", "--state", str(env.state_path), "--at", AT, "--detailed-exitcode"],
+        [*exe, "converge", "--state", str(env.state_path), "--detailed-exitcode"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert proc.returncode == 2, proc.stderr
-    assert run_sakeystate("check", "--state", str(env.state_path), "--at", AT).code == 1
+    assert run_sakeystate("check", "--state", str(env.state_path)).code == 1
+    refused = run_sakeystate("converge", "--state", str(env.state_path), "--at", AT)
+    assert refused.code == 1 and "--at is only for read-only commands" in refused.err
 
 
 def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None:
@@ -598,15 +605,25 @@ def test_the_endpoint_that_answered_is_asked_first_next_time(env: Env) -> None:
         assert store.requests == before + 1  # straight to the live member
 
 
-def test_a_trusted_key_gone_from_etcd_is_shown_and_its_removal_named(env: Env) -> None:
-    kids = three_planes(env)
+def test_a_trusted_key_gone_from_etcd_stays_in_the_bundle_and_is_reported(env: Env) -> None:
+    """Issue 13 finding 5 (R9): deleting or overwriting a trusted key's entry never removes
+    it from a bundle nor restarts anything; it is reported on every run."""
+    argv, log = reload_counter(env)
+    kids = three_planes(env, bundle={"reload": argv})
     assert env.cli("converge", "--at", AT).code == 0
+    before = env.bundle_bytes()
     env.etcd.client.delete(env.prefix + kids[0])
+    env.etcd.put(env.prefix + kids[1], entry_value(private_key("ec256", 9), B, T0))
     table = env.cli("inspect", "--at", AT)
     row = next(line for line in table.out.splitlines() if line.startswith(kids[0]))
-    assert " bundle-only " in row and "not published in etcd" in row
+    assert " bundle-only " in row
     plan = json.loads(env.cli("plan", "--at", AT, "--format", "json").out)
-    removal = next(a for a in plan["actions"] if a.get("kid") == kids[0])
-    assert removal["op"] == "remove"
-    assert removal["reason"].startswith("not published in etcd; tokens with kid")
-    assert any(f"trusted key {kids[0]}" in w and "not published" in w for w in plan["warnings"])
+    assert plan["actions"] == [] and plan["bundle"]["kids_after"] == sorted(kids)
+    assert any(
+        f"trusted key {kids[0]}" in w and "kept in the bundle" in w for w in plan["warnings"]
+    )
+    for _run in range(3):
+        result = env.cli("converge", "--at", AT, "--detailed-exitcode")
+        assert result.code == 0, result.err
+        env.etcd.put(env.prefix + kids[2], b"garbage")
+    assert env.bundle_bytes() == before and reloads(log) == 1

@@ -144,7 +144,7 @@ def test_kill_9_at_random_points_never_leaves_a_partial_bundle_or_a_forgotten_re
         env.etcd.put(legacy_key, entry_value(keys[1], hosts[1], published=None))
 
     def argv(index: int) -> list[str]:
-        return ["converge", "--state", str(states[index]), "--at", AT]
+        return ["converge", "--state", str(states[index]), "--allow-removals"]
 
     def reloaded() -> list[str]:
         return reload_log.read_text().split() if reload_log.exists() else []
@@ -218,7 +218,9 @@ def test_kill_9_at_random_points_never_leaves_a_partial_bundle_or_a_forgotten_re
         leftovers += sum(1 for p in env.tmp.iterdir() if ".tmp-" in p.name)
 
         # One uninterrupted run finishes the job and runs an owed reload again.
-        recovery = env.cli("converge", "--state", str(states[target]), "--at", AT)
+        recovery = env.cli(
+            "converge", "--state", str(states[target]), "--at", AT, "--allow-removals"
+        )
         assert recovery.code == 0, recovery
         assert env.bundle.read_bytes() == expected[target]
         assert not Path(str(env.bundle) + PENDING_SUFFIX).exists()

@@ -167,7 +167,7 @@ def racing_converge(state: Path, barrier: Path) -> subprocess.Popen[str]:
         "SAKEYSTATE_TEST_BARRIER": str(barrier),
     }
     return subprocess.Popen(
-        [str(exe), "converge", "--state", str(state), "--at", AT, "--format", "json"],
+        [str(exe), "converge", "--state", str(state), "--format", "json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -240,7 +240,7 @@ def test_three_concurrent_converges_migrate_without_a_key_or_token_ever_missing(
     for state in states:
         exe = Path(sys.executable).parent / "sakeystate"
         again = subprocess.run(
-            [str(exe), "converge", "--state", str(state), "--at", AT, "--detailed-exitcode"],
+            [str(exe), "converge", "--state", str(state), "--detailed-exitcode"],
             capture_output=True,
             text=True,
             check=False,

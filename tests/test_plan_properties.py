@@ -2,20 +2,27 @@
 
 - applying a plan, then planning again, gives an empty plan;
 - the order in which etcd returns entries does not change the plan;
-- no plan drops (from the bundle or etcd) a trusted, valid, unexpired,
-  unrevoked, unsuperseded key, checked against an independent oracle.
+- no plan drops (from the bundle or etcd) a trusted key that can still verify an
+  unexpired token (not revoked, not superseded for superseded_grace, its host not
+  decommissioned for max_token_lifetime), whatever the certificate dates (RFC 5280's
+  "no expiry" 9999-12-31 included), ``at`` (up to ten years ahead) and etcd contents
+  (deleted, poisoned and garbage entries), checked against an independent oracle;
+- a plan never counts fewer removals than it makes: one that removes more kids than
+  max_removals (from the bundle, or trusted ones from etcd) is refused.
+
+Each property runs 120 generated clusters of up to 6 keys on 3 hosts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from functools import cache
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sakeystate.keys import KeyInfo, parse_value
+from sakeystate.keys import parse_pem_bundle, parse_value
 from sakeystate.model import BundleObservation, Delete, EtcdEntry, EtcdObservation, Put
 from sakeystate.plan import Plan, plan
 from sakeystate.state import BundleConfig, DesiredState, EtcdConfig, Retention, TrustedKey
@@ -31,7 +38,10 @@ VALIDITY = {
     "expired-long-ago": (-9000, -240),
     "expired-within-grace": (-9000, -1),
     "not-yet-valid": (24, 9000),
+    "no-expiry": (-720, None),  # notAfter 9999-12-31T23:59:59Z
 }
+NO_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+AT_HOURS = (0, 12, 48, 24 * 400, 24 * 3650)
 PUBLISHED = (None, -9000, -800, -30, 0)  # hours from T0; None: no Published header
 
 
@@ -42,7 +52,7 @@ def cert_pem(index: int, validity: str) -> bytes:
         private_key("ec256", 100 + index),
         f"k{index}.example.org",
         not_before=T0 + timedelta(hours=before),
-        not_after=T0 + timedelta(hours=after),
+        not_after=T0 + timedelta(hours=after) if after is not None else NO_EXPIRY,
     )
 
 
@@ -109,13 +119,19 @@ def clusters(draw: st.DrawFn) -> tuple[DesiredState, EtcdObservation, BundleObse
         entries.append(EtcdEntry(PREFIX + "A" * 43, cert_pem(0, "valid"), 4))
     bundle_keys = [cert_pem(s.index, "valid") for s in specs if s.in_bundle]
     bundle_content = b"".join(bundle_keys) if draw(st.booleans()) or bundle_keys else None
+    host = draw(st.sampled_from(HOSTS))
+    gone = draw(st.sampled_from([None, *HOSTS]))
     desired = DesiredState(
         source="generated.yaml",
         cluster="prop",
+        host=host,
+        decommissioned=(
+            {gone: T0 - timedelta(days=draw(st.sampled_from([10, 400])))} if gone else {}
+        ),
         etcd=EtcdConfig(endpoints=("http://127.0.0.1:1",), prefix=PREFIX),
         bundle=BundleConfig(
             path="/nonexistent/bundle.pem",
-            exclude_host=draw(st.sampled_from((None, *HOSTS))),
+            exclude_host=draw(st.sampled_from((None, host))),
             reload=("true",) if draw(st.booleans()) else None,
         ),
         trusted={
@@ -125,15 +141,15 @@ def clusters(draw: st.DrawFn) -> tuple[DesiredState, EtcdObservation, BundleObse
         },
         revoked={pool_kid(s.index): "test" for s in specs if s.trust == "revoked"},
         retention=Retention(
-            expired_grace=draw(st.sampled_from([timedelta(0), timedelta(hours=24)])),
             superseded_grace=draw(
                 st.sampled_from([timedelta(0), timedelta(days=30), timedelta(days=400)])
             ),
+            max_token_lifetime=draw(st.sampled_from([timedelta(days=1), timedelta(days=365)])),
             min_keys=1,
-            max_removals=100,
+            max_removals=draw(st.sampled_from([0, 1, 2, 100])),
         ),
     )
-    at = T0 + timedelta(hours=draw(st.sampled_from([0, 12, 48])))
+    at = T0 + timedelta(hours=draw(st.sampled_from(AT_HOURS)))
     observed = EtcdObservation(PREFIX, revision, tuple(entries))
     bundle = BundleObservation(
         desired.bundle.path, bundle_content, mode=0o644, reload_pending=draw(st.booleans())
@@ -194,21 +210,20 @@ def test_input_order_does_not_change_the_plan(case: tuple, rnd) -> None:  # type
     shuffled = EtcdObservation(observed.prefix, observed.revision, tuple(entries))
     trusted = list(desired.trusted.items())
     rnd.shuffle(trusted)
-    reordered = DesiredState(
-        desired.source,
-        desired.cluster,
-        desired.etcd,
-        desired.bundle,
-        dict(trusted),
-        desired.revoked,
-        desired.retention,
-    )
+    reordered = replace(desired, trusted=dict(trusted))
     assert plan(reordered, shuffled, bundle, at) == plan(desired, observed, bundle, at)
 
 
-def _protected(desired: DesiredState, observed: EtcdObservation, at: datetime) -> set[str]:
-    """Independent oracle: trusted keys that policy says must stay in the bundle."""
-    live: dict[str, tuple[KeyInfo, str, datetime | None]] = {}
+def _protected(
+    desired: DesiredState, observed: EtcdObservation, bundle: BundleObservation, at: datetime
+) -> set[str]:
+    """Independent oracle: trusted keys that can still verify an unexpired token.
+
+    Certificate dates play no part. A pinned key stays while it is in etcd under its
+    kid or a legacy name, or in the bundle already (etcd alone never removes trust).
+    """
+    retention = desired.retention
+    live: dict[str, tuple[str, datetime | None]] = {}
     for entry in observed.entries:
         name = entry.key[len(PREFIX) :]
         try:
@@ -220,23 +235,28 @@ def _protected(desired: DesiredState, observed: EtcdObservation, at: datetime) -
             continue  # poisoned
         if k.kid not in desired.trusted or k.kid in desired.revoked:
             continue
-        if k.not_after and k.not_after + desired.retention.expired_grace <= at:
-            continue
-        if k.not_before and k.not_before > at:
-            continue
-        published = value.published if name == k.kid else min(k.not_before or at, at)
+        published = (
+            value.published if name == k.kid else (min(k.not_before, at) if k.not_before else None)
+        )
         if k.kid not in live or name == k.kid:
-            live[k.kid] = (k, desired.trusted[k.kid].host or "", published)
+            live[k.kid] = (desired.trusted[k.kid].host or "", published)
+    in_bundle = {cert.kid for cert in parse_pem_bundle(bundle.content or b"")[0]}
     protected = set()
-    for k_id, (_key, host, published) in live.items():
+    for k_id in in_bundle:
+        if k_id in desired.trusted and k_id not in desired.revoked and k_id not in live:
+            live[k_id] = (desired.trusted[k_id].host or "", None)
+    for k_id, (host, published) in live.items():
         superseded = published is not None and any(
             other_host == host
             and other_pub is not None
             and other_pub > published
-            and other_pub + desired.retention.superseded_grace <= at
-            for other_id, (_k, other_host, other_pub) in live.items()
+            and other_pub + retention.superseded_grace <= at
+            for other_id, (other_host, other_pub) in live.items()
             if other_id != k_id
         )
+        gone = desired.decommissioned.get(host)
+        if gone is not None and gone + retention.max_token_lifetime <= at:
+            continue
         if not superseded:
             protected.add(k_id)
     return protected
@@ -244,7 +264,7 @@ def _protected(desired: DesiredState, observed: EtcdObservation, at: datetime) -
 
 @SETTINGS
 @given(clusters())
-def test_no_plan_drops_a_trusted_valid_unexpired_unrevoked_key(case: tuple) -> None:  # type: ignore[type-arg]
+def test_no_plan_drops_a_key_that_can_still_verify_an_unexpired_token(case: tuple) -> None:  # type: ignore[type-arg]
     desired, observed, bundle, at = case
     result = plan(desired, observed, bundle, at, allow_removals=True)
     excluded = {k.kid for k in result.keys if k.status == "excluded"}
@@ -256,6 +276,31 @@ def test_no_plan_drops_a_trusted_valid_unexpired_unrevoked_key(case: tuple) -> N
             remaining.add(parse_value(entry.value).key.kid)
         except Exception:
             continue
-    for protected in _protected(desired, observed, at):
+    in_etcd = {parse_value(e.value).key.kid for e in observed.entries if _parses(e.value)}
+    for protected in _protected(desired, observed, bundle, at):
         assert protected in result.kids_after or protected in excluded, protected
-        assert protected in remaining, f"{protected} was deleted from etcd"
+        if protected in in_etcd:
+            assert protected in remaining, f"{protected} was deleted from etcd"
+
+
+def _parses(value: bytes) -> bool:
+    try:
+        parse_value(value)
+    except Exception:
+        return False
+    return True
+
+
+@SETTINGS
+@given(clusters())
+def test_a_plan_never_counts_fewer_removals_than_it_makes(case: tuple) -> None:  # type: ignore[type-arg]
+    desired, observed, bundle, at = case
+    result = plan(desired, observed, bundle, at)
+    removed = set(result.kids_before) - set(result.kids_after)
+    removed |= {
+        a.kid
+        for a in result.etcd_actions
+        if a.op == "delete" and a.kid in desired.trusted and a.kid not in desired.revoked
+    }
+    if len(removed) > desired.retention.max_removals:
+        assert any("retention.max_removals" in r for r in result.refusals), removed

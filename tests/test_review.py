@@ -53,9 +53,9 @@ def test_markdown_plan_has_summary_table_with_reasons_and_warnings(env: Env) -> 
     assert sorted(rows) == sorted(
         [
             f"| bundle | add | `{kids['current']}` | ctrl1001.example.org "
-            "| trusted, published in etcd |",
+            "| pinned, published in etcd |",
             f"| bundle | add | `{kids['expiring']}` | ctrl1002.example.org "
-            "| trusted, published in etcd |",
+            "| pinned, published in etcd |",
             # A pipe in a reason must not break the table.
             f"| etcd | delete | `{kids['revoked']}` | ctrl1003.example.org "
             "| revoked: key exposed \\| T12345 |",
@@ -220,7 +220,7 @@ def test_validate_reports_every_file_with_file_and_line(tmp_path: Path) -> None:
         "  colour: blue\n"
         "trusted: []\n"
         "retention:\n"
-        "  expired_grace: 1 day\n"
+        "  superseded_grace: 1 day\n"
     )
     broken = tmp_path / "broken.yaml"
     broken.write_text("apiVersion: sakeystate/v1\ncluster: [dev\netcd: {}\n")
@@ -230,13 +230,13 @@ def test_validate_reports_every_file_with_file_and_line(tmp_path: Path) -> None:
 
     result = run_sakeystate("validate", str(good), str(schema), str(broken), str(duplicate))
     assert result.code == 1
-    assert result.out == f"{good}: valid (dev: 1 trusted, 0 revoked)\n"
+    assert result.out == f"{good}: valid (dev: 1 trusted, 0 revoked, 0 trust anchor(s))\n"
     errors = result.err.splitlines()
     assert any(
         e.startswith(f"{schema}:7: bundle.colour: unknown field; allowed here:") for e in errors
     )
     assert (
-        f"{schema}:10: retention.expired_grace: '1 day' is not valid: expected a number "
+        f"{schema}:10: retention.superseded_grace: '1 day' is not valid: expected a number "
         "and a unit (s, m, h, d), e.g. 24h or 1h30m" in errors
     )
     assert any(e.startswith(f"{broken}:") and "invalid YAML" in e for e in errors)

@@ -369,7 +369,7 @@ def test_password_file_auth_converges_and_never_shows_the_password(
     environment = {**os.environ, "GRPC_VERBOSITY": "DEBUG", "GRPC_TRACE": "api,call_error"}
     outputs: list[bytes] = []
     for argv in (
-        [exe, "converge", "--state", str(state), "--at", "2026-11-22T10:00:00Z"],
+        [exe, "converge", "--state", str(state)],
         [exe, "plan", "--state", str(state), "--format", "json"],
         [exe, "plan", "--state", str(state), "--format", "markdown"],
         [exe, "inspect", "--state", str(state), "--format", "json"],

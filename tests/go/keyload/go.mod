@@ -1,0 +1,3 @@
+module sakeystate.test/keyload
+
+go 1.19
