@@ -5,29 +5,32 @@
 #    source ~/.local/share/bash_completion/sakeystate
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_sakeystate_subparsers=(validate plan converge check publish snapshot inspect adopt verify-token)
+_shtab_sakeystate_subparsers=(validate plan converge check publish reload-done snapshot inspect adopt verify-token)
 
-_shtab_sakeystate_validate_option_strings=(-h --help -q --quiet)
-_shtab_sakeystate_plan_option_strings=(-h --help --state --at --format -q --quiet --observed --detailed-exitcode --allow-removals)
-_shtab_sakeystate_converge_option_strings=(-h --help --state --at --format -q --quiet --detailed-exitcode --allow-removals)
-_shtab_sakeystate_check_option_strings=(-h --help --state --at --format -q --quiet)
-_shtab_sakeystate_publish_option_strings=(-h --help --state --at --format -q --quiet --cert --host --detailed-exitcode)
-_shtab_sakeystate_snapshot_option_strings=(-h --help --state --at --format -q --quiet)
-_shtab_sakeystate_inspect_option_strings=(-h --help --state --at --format -q --quiet --observed)
+_shtab_sakeystate_validate_option_strings=(-h --help --host --format -q --quiet)
+_shtab_sakeystate_plan_option_strings=(-h --help --state --host --at --format -q --quiet --observed --detailed-exitcode --allow-removals)
+_shtab_sakeystate_converge_option_strings=(-h --help --state --host --format -q --quiet --detailed-exitcode --allow-removals --no-reload)
+_shtab_sakeystate_check_option_strings=(-h --help --state --host --at --format -q --quiet)
+_shtab_sakeystate_publish_option_strings=(-h --help --state --host --format -q --quiet --cert --check --detailed-exitcode)
+_shtab_sakeystate_reload_done_option_strings=(-h --help --state --host --format -q --quiet)
+_shtab_sakeystate_snapshot_option_strings=(-h --help --state --host --at --format -q --quiet)
+_shtab_sakeystate_inspect_option_strings=(-h --help --state --host --at --format -q --quiet --observed)
 _shtab_sakeystate_adopt_option_strings=(-h --help --state --cluster --endpoint --prefix --timeout --ca-file --cert-file --key-file --username --password-file --from-bundle --bundle-path --no-etcd -o --output --force --at)
-_shtab_sakeystate_verify_token_option_strings=(-h --help --state --at --format --observed)
+_shtab_sakeystate_verify_token_option_strings=(-h --help --state --host --at --format -q --quiet --observed)
 _shtab_sakeystate_option_strings=(-h --help --version)
 
 
 
+_shtab_sakeystate_validate___format_choices=(text json)
 _shtab_sakeystate_plan___format_choices=(text json markdown)
 _shtab_sakeystate_converge___format_choices=(text json)
 _shtab_sakeystate_check___format_choices=(text json)
 _shtab_sakeystate_publish___format_choices=(text json)
+_shtab_sakeystate_reload_done___format_choices=(text json)
 _shtab_sakeystate_snapshot___format_choices=(json)
 _shtab_sakeystate_inspect___format_choices=(text json)
 _shtab_sakeystate_verify_token___format_choices=(text json)
-_shtab_sakeystate_pos_0_choices=(validate plan converge check publish snapshot inspect adopt verify-token)
+_shtab_sakeystate_pos_0_choices=(validate plan converge check publish reload-done snapshot inspect adopt verify-token)
 
 _shtab_sakeystate_validate_pos_0_nargs=+
 _shtab_sakeystate_validate__h_nargs=0
@@ -46,6 +49,7 @@ _shtab_sakeystate_converge__q_nargs=0
 _shtab_sakeystate_converge___quiet_nargs=0
 _shtab_sakeystate_converge___detailed_exitcode_nargs=0
 _shtab_sakeystate_converge___allow_removals_nargs=0
+_shtab_sakeystate_converge___no_reload_nargs=0
 _shtab_sakeystate_check__h_nargs=0
 _shtab_sakeystate_check___help_nargs=0
 _shtab_sakeystate_check__q_nargs=0
@@ -54,7 +58,12 @@ _shtab_sakeystate_publish__h_nargs=0
 _shtab_sakeystate_publish___help_nargs=0
 _shtab_sakeystate_publish__q_nargs=0
 _shtab_sakeystate_publish___quiet_nargs=0
+_shtab_sakeystate_publish___check_nargs=0
 _shtab_sakeystate_publish___detailed_exitcode_nargs=0
+_shtab_sakeystate_reload_done__h_nargs=0
+_shtab_sakeystate_reload_done___help_nargs=0
+_shtab_sakeystate_reload_done__q_nargs=0
+_shtab_sakeystate_reload_done___quiet_nargs=0
 _shtab_sakeystate_snapshot__h_nargs=0
 _shtab_sakeystate_snapshot___help_nargs=0
 _shtab_sakeystate_snapshot__q_nargs=0
@@ -69,6 +78,8 @@ _shtab_sakeystate_adopt___no_etcd_nargs=0
 _shtab_sakeystate_adopt___force_nargs=0
 _shtab_sakeystate_verify_token__h_nargs=0
 _shtab_sakeystate_verify_token___help_nargs=0
+_shtab_sakeystate_verify_token__q_nargs=0
+_shtab_sakeystate_verify_token___quiet_nargs=0
 _shtab_sakeystate_pos_0_nargs=A...
 _shtab_sakeystate__h_nargs=0
 _shtab_sakeystate___help_nargs=0
