@@ -164,6 +164,22 @@ def test_broken_install_with_drift_fails_the_run(env: Env, guard: str) -> None:
     assert env.bundle_bytes() is None
 
 
+def test_noop_debug_tells_a_drift_from_a_failure(env: Env) -> None:
+    state = drifted(env)
+    manifest = sakeystate_class(state)
+    drift = puppet_apply(env.tmp, manifest, "--noop", "--debug")
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert "Exec[sakeystate converge]/returns: current_value 'notrun'" in drift.stdout
+    assert "Exec[sakeystate converge]/unless: bundle add" in drift.stdout
+
+    state_data_down = yaml.safe_load(state.read_text())
+    state_data_down["etcd"] = {"endpoints": [f"http://127.0.0.1:{free_port()}"], "timeout": "1s"}
+    write_state(state, state_data_down)
+    down = puppet_apply(env.tmp, manifest, "--noop", "--debug")
+    assert "Exec[sakeystate converge]/unless: sakeystate: error: " in down.stdout
+    assert env.bundle_bytes() is None
+
+
 def test_state_content_is_validated_before_it_replaces_the_file(env: Env) -> None:
     kid = env.publish(private_key("ec256", 23), "ctrl1001.example.org", **VALID_NOW)
     data = state_data(env.etcd.url, env.prefix, env.bundle, [(kid, "ctrl1001.example.org")])

@@ -15,7 +15,8 @@
 #   guarantees for a crash too.
 #
 # In `--noop` both forms show the converge as "current_value 'notrun', should be ['0']"
-# for a drift and for a failure alike; the reason is in the node's `sakeystate plan`.
+# for a drift and for a failure alike; with `--debug` Puppet also logs the guard's
+# output (`Exec[sakeystate converge]/unless: ...`): the plan, or the error.
 #
 # @param state_file
 #   The reviewed desired-state file (one file for every control plane: `host: self`,
