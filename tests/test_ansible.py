@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ansible_support import BIN, ansible_tool, cli_help
+from ansible_support import BIN, COLLECTION, ansible_tool, cli_help
 from conftest import Env
 from support import REPO, private_key, public_pem, state_data
 
@@ -226,7 +226,9 @@ def test_diff_names_hosts_etcd_deletes_and_reload(env: Env) -> None:
     lines = run.out.splitlines()
     assert f" {kid_old}  # ctrl1001.example.org" in lines  # unchanged kid, context line
     assert f"+{kid_new}  # ctrl1002.example.org" in lines
-    assert f"-{kid_revoked}  # ctrl1003.example.org: revoked: host decommissioned" in lines
+    assert f"-{env.prefix}{kid_revoked}  # ctrl1003.example.org: revoked: host decommissioned" in (
+        lines
+    )
     assert f"--- before: {env.bundle} (kids)" in lines
     assert "--- before: etcd (keys deleted)" in lines
     assert any(x.startswith("+reload run: bundle key set changed") for x in lines)
@@ -329,6 +331,39 @@ def test_old_python_gives_the_standard_missing_library_message(tmp_path: Path) -
     assert run.code == 2, run
     assert "Failed to import the required Python library (Python >= 3.11)" in run.out
     assert "Traceback" not in run.out
+
+
+def documented(module: str) -> dict[str, Any]:
+    """The RETURN block of a module, parsed."""
+    source = (COLLECTION / "plugins" / "modules" / f"{module}.py").read_text()
+    block = source.split('RETURN = r"""', 1)[1].split('"""', 1)[0]
+    parsed: dict[str, Any] = yaml.safe_load(block)
+    return parsed
+
+
+# Fields every Ansible module result carries, documented by Ansible itself.
+ANSIBLE_FIELDS = {"changed", "failed", "warnings", "invocation", "diff", "msg", "deprecations"}
+
+
+def test_every_returned_field_is_documented(env: Env) -> None:
+    key = private_key("ec256", 16)
+    kid_a = env.publish(key, "ctrl1001.example.org")
+    revoked = env.publish(private_key("ec256", 17), "ctrl1002.example.org")
+    state = env.state(
+        [(kid_a, "ctrl1001.example.org")],
+        revoked=[{"fingerprint": revoked, "reason": "rotated"}],
+        bundle={"reload": ["true"]},
+    )
+    run = run_module(env.tmp, {"state_file": str(state)}, "--diff")
+    assert run.code == 0, run
+    assert run.result is not None
+    docs = documented("converge")
+    assert set(run.result) - ANSIBLE_FIELDS <= set(docs), set(run.result) - set(docs)
+    for field in ("actions", "service_account_keys"):
+        assert run.result[field], field  # the check below saw some items
+        fields = {name for item in run.result[field] for name in item}
+        assert fields <= set(docs[field]["contains"]), fields - set(docs[field]["contains"])
+    assert set(run.result["bundle"]) <= set(docs["bundle"]["contains"])
 
 
 @pytest.mark.parametrize("module", ["converge", "publish", "reload_done"])
@@ -532,6 +567,9 @@ def test_result_reports_bundle_changed_and_reload_needed_until_confirmed(env: En
 
     done = run_module(env.tmp, {"state_file": str(state)}, module="reload_done")
     assert done.code == 0, done
+    assert done.result is not None and done.result["changed"] is True
+    again_done = run_module(env.tmp, {"state_file": str(state)}, module="reload_done")
+    assert again_done.result is not None and again_done.result["changed"] is False
     settled = run_module(env.tmp, args)
     assert settled.result is not None
     assert (settled.result["reload_needed"], settled.result["changed"]) == (False, False)

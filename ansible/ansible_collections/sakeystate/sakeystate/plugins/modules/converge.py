@@ -193,6 +193,11 @@ actions:
       type: str
       returned: when the action concerns one key
       sample: ctrl1001.eqiad.example.org
+    key:
+      description: The etcd key an etcd action writes or deletes.
+      type: str
+      returned: for etcd actions
+      sample: /kube-apiserver-sa-certs/8Xq0yTQ3c3bPqH0nJj6f2m1fV3tq1Lz0m9p2vXh7a4E
     reason:
       description: Why.
       type: str
@@ -247,6 +252,10 @@ service_account_keys:
       returned: when trusted
     not_after:
       description: The certificate's expiry (RFC 3339), when the value is a certificate.
+      type: str
+      returned: when known
+    etcd_key:
+      description: The etcd key holding it, when it is in etcd.
       type: str
       returned: when known
     in_bundle:
@@ -304,12 +313,15 @@ def diff_of(report: dict) -> list[dict[str, str]]:
     ]
     etcd = [a for a in report.get("actions", []) if a.get("target") == "etcd"]
     deleted = [
-        f"{a.get('kid')}  # {a.get('host') or hosts.get(a.get('kid'))}: {a['reason']}"
+        f"{a.get('key') or a.get('kid')}  # {a.get('host') or hosts.get(a.get('kid'))}: "
+        f"{a.get('reason')}"
         for a in etcd
         if a.get("op") == "delete"
     ]
     written = [
-        f"{a.get('kid')}  # {a.get('op')}: {a['reason']}" for a in etcd if a.get("op") != "delete"
+        f"{a.get('key') or a.get('kid')}  # {a.get('op')}: {a.get('reason')}"
+        for a in etcd
+        if a.get("op") != "delete"
     ]
     if deleted or written:
         diffs.append(

@@ -48,7 +48,7 @@ seealso:
   - module: sakeystate.sakeystate.converge
 attributes:
   check_mode:
-    description: Changes nothing and reports changed.
+    description: Changes nothing and reports changed (a restart that is owed would be confirmed).
     support: full
   diff_mode:
     description: Not applicable.
@@ -71,7 +71,7 @@ message:
   description: What C(sakeystate reload-done) reported.
   returned: success
   type: str
-  sample: reload confirmed
+  sample: owed reload confirmed and cleared
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -90,10 +90,11 @@ def main() -> None:
     if module.check_mode:
         module.exit_json(changed=True, message="check mode: the owed restart would be confirmed")
     state, inline = state_arguments(module)
-    run = run_cli(module, ["reload-done", *state], inline)
-    if run.rc != 0:
+    run = run_cli(module, ["reload-done", *state, "--format", "json"], inline)
+    if run.rc != 0 or run.report is None:
         module.fail_json(msg=run.message())
-    module.exit_json(changed=True, message=run.out.strip())
+    # changed: a restart was owed and is now confirmed (false: nothing was owed).
+    module.exit_json(changed=bool(run.report.get("changed")), message=run.report.get("message"))
 
 
 if __name__ == "__main__":
