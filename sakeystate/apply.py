@@ -34,14 +34,7 @@ def own_key(desired: DesiredState) -> KeyInfo | None:
     """The key of ``own_cert`` (this host's service-account certificate), if set."""
     if not desired.own_cert:
         return None
-    from sakeystate.files import read_capped
-    from sakeystate.keys import MAX_VALUE_BYTES, parse_key_pem
-
-    pem = read_capped(desired.own_cert, MAX_VALUE_BYTES, "own_cert")
-    try:
-        return parse_key_pem(pem)
-    except SakeystateError as exc:
-        raise SakeystateError(f"own_cert {desired.own_cert}: {exc}") from None
+    return read_cert_file(desired.own_cert, "own_cert")[0]
 
 
 def local_facts(desired: DesiredState) -> LocalFacts:

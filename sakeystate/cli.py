@@ -16,6 +16,7 @@ from sakeystate import __version__
 from sakeystate.errors import SakeystateError, StateError
 
 if TYPE_CHECKING:
+    from sakeystate.fleet import FleetStatus
     from sakeystate.plan import Plan
     from sakeystate.state import DesiredState
 
@@ -263,6 +264,101 @@ def cmd_verify_token(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
+def _fleet(args: argparse.Namespace, desired: DesiredState) -> FleetStatus:
+    from dataclasses import replace
+
+    from sakeystate import bundle, fleet
+    from sakeystate.apply import local_facts
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.plan import plan
+
+    with EtcdStore(desired.etcd) as store:
+        observed = store.read(desired.etcd.prefix)
+        statuses = store.read(desired.etcd.status_prefix)
+    # The effective set of the cluster: this host's plan with nothing excluded.
+    everyone = replace(desired, bundle=replace(desired.bundle, exclude_host=None))
+    found = bundle.observe(desired.bundle)
+    current = plan(everyone, observed, found, _at(args.at), True, local_facts(desired))
+    records = fleet.read_records(statuses, desired.etcd.status_prefix)
+    return fleet.fleet_status(current, desired.fleet, records, set(desired.revoked))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sakeystate.fleet import render_status
+
+    status = _fleet(args, _load(args))
+    if args.format == "json":
+        _json(**{k: v for k, v in status.as_dict().items() if k != "version"})
+    elif not (args.quiet and status.in_order):
+        sys.stdout.write(render_status(status))
+    return EXIT_OK if status.in_order else EXIT_CHANGES
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block on an etcd watch of the status records until the kid reached every fleet
+    host (or, with --absent, left every one); a timeout names the hosts that lag."""
+    import time
+
+    from sakeystate.apply import read_cert_file
+    from sakeystate.etcd import EtcdStore, PrefixWatch
+    from sakeystate.fleet import reached, read_records
+    from sakeystate.keys import normalize_fingerprint
+    from sakeystate.state import parse_duration
+
+    desired = _load(args)
+    if args.cert:
+        kid = read_cert_file(args.cert, "--cert")[0].kid
+    else:
+        try:
+            kid = normalize_fingerprint(args.kid)
+        except ValueError as exc:
+            raise SakeystateError(f"--kid: {exc}") from None
+    try:
+        timeout = parse_duration(args.timeout).total_seconds()
+    except ValueError as exc:
+        raise SakeystateError(f"--timeout: {exc}") from None
+    hosts = desired.fleet
+    if not hosts:
+        raise SakeystateError("the fleet is empty: set fleet, trust_anchors or trusted hosts")
+    prefix = desired.etcd.status_prefix
+    deadline = time.monotonic() + timeout
+    goal = "no fleet host verifies" if args.absent else "every fleet host verifies"
+    with EtcdStore(desired.etcd) as store:
+        while True:
+            statuses = store.read(prefix)
+            records = read_records(statuses, prefix)
+            lagging = reached(records, hosts, kid, args.absent)
+            if not lagging:
+                if args.format == "json":
+                    _json(reached=True, kid=kid, lagging=[])
+                elif not args.quiet:
+                    print(f"{goal} {kid} ({len(hosts)} host(s))")
+                return EXIT_OK
+            if time.monotonic() >= deadline:
+                return _wait_timed_out(args, kid, goal, lagging, records)
+            with PrefixWatch(store, [prefix], statuses.revision + 1) as watch:
+                watch.wait(deadline - time.monotonic())
+
+
+def _wait_timed_out(
+    args: argparse.Namespace, kid: str, goal: str, lagging: list[str], records: dict[str, Any]
+) -> int:
+    from sakeystate.fleet import record_age
+
+    now = _now()
+    ages = {
+        h: (record_age(records[h], now) if h in records else "no status record") for h in lagging
+    }
+    if args.format == "json":
+        _json(reached=False, kid=kid, lagging=[{"host": h, "record": a} for h, a in ages.items()])
+    print(
+        f"sakeystate: error: timed out waiting until {goal} {kid}; lagging: "
+        + "; ".join(f"{h} ({a})" for h, a in ages.items()),
+        file=sys.stderr,
+    )
+    return EXIT_ERROR
+
+
 def _print_error(exc: SakeystateError) -> None:
     if isinstance(exc, StateError):
         for problem in exc.problems:
@@ -302,6 +398,8 @@ _EXITS = {
     "publish": "0 done (with --check: 0 already published, 2 would publish); 1 error",
     "reload-done": "0 cleared (or nothing owed), 1 error",
     "snapshot": "0, 1 error",
+    "status": "0 all in order, 2 something lags or needs a person (each item on stdout), 1 error",
+    "wait": "0 reached, 1 timed out (naming the hosts that lag) or error",
     "inspect": "0, 1 error",
     "adopt": "0, 1 error",
     "verify-token": "0 the token verifies now and after the plan, 1 not or error",
@@ -443,6 +541,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, read_only=False)
     p.set_defaults(func=cmd_reload_done)
+
+    p = command(
+        "status",
+        "the fleet view: which apiserver verifies which key",
+        "One read of the key prefix and the status prefix; what monitoring runs.",
+    )
+    common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = command(
+        "wait",
+        "block until every fleet host verifies a key (or, with --absent, none does)",
+        "An etcd watch on the status records, not a poll loop. The reimage procedure: "
+        "publish, then wait --cert, then pool the apiserver.",
+    )
+    common(p, read_only=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--kid", metavar="KID", help="the key's kid (or sha256:<hex>)")
+    which.add_argument("--cert", metavar="FILE", help="the key's certificate (chained is fine)")
+    p.add_argument("--absent", action="store_true", help="wait until no fleet host verifies it")
+    p.add_argument("--timeout", default="10m", metavar="DURATION", help="default 10m")
+    p.set_defaults(func=cmd_wait)
 
     p = command(
         "snapshot",

@@ -9,6 +9,8 @@ not a multiple of it. Passwords are read from their file and never printed.
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import etcd3
+import etcd3.watch
 import grpc
 from etcd3 import etcdrpc
 
@@ -24,6 +27,21 @@ from sakeystate.model import Delete, EtcdEntry, EtcdObservation, EtcdOp, Guard, 
 from sakeystate.state import EtcdConfig
 
 T = TypeVar("T")
+
+
+class _Six:
+    """python3-etcd3 0.13.0's watch thread tells its callbacks that the stream broke
+    through ``six.itervalues``, but never imports ``six``: the thread dies with a
+    NameError and a watch whose member went away silently stops delivering. This
+    one function is all it uses."""
+
+    @staticmethod
+    def itervalues(mapping: dict[Any, Any]) -> Any:
+        return iter(mapping.values())
+
+
+if not hasattr(etcd3.watch, "six"):
+    etcd3.watch.six = _Six
 # Keys per range page. A page larger than the gRPC message limit is halved and
 # retried, so values of any size still read; a no-op check of up to this many
 # keys is exactly one range request.
@@ -318,3 +336,70 @@ def _read_password(path: str) -> str:
 
 def _short(details: str) -> str:
     return details.splitlines()[0][:200] if details else "no details"
+
+
+class WatchCompacted(EtcdError):
+    """The revision a watch started from was compacted: read everything again."""
+
+
+class PrefixWatch:
+    """Changes under some prefixes after a revision, as etcd's watch delivers them.
+
+    One gRPC watch stream per prefix on one endpoint. ``wait`` blocks until
+    something changed (returns the newest revision seen), the timeout passed
+    (None), or the watch failed (EtcdError; WatchCompacted when the start revision
+    was compacted): the caller then reads again and starts a new watch, which is
+    how an endpoint that died is replaced.
+    """
+
+    def __init__(self, store: EtcdStore, prefixes: Iterable[str], start_revision: int) -> None:
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._client: Any = None
+        self._ids: list[Any] = []
+
+        def operation(client: Any, _deadline: float) -> Any:
+            for prefix in prefixes:
+                self._ids.append(
+                    client.add_watch_prefix_callback(
+                        prefix, self._events.put, start_revision=start_revision
+                    )
+                )
+            return client
+
+        try:
+            self._client = store._guarded("starting an etcd watch", operation)
+        except etcd3.exceptions.Etcd3Exception as exc:
+            self.close()
+            raise EtcdError(f"starting an etcd watch: {type(exc).__name__}") from None
+
+    def wait(self, timeout: float) -> int | None:
+        """The newest revision changed under the prefixes, or None after ``timeout``."""
+        try:
+            item = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        newest = 0
+        while True:
+            if isinstance(item, etcd3.exceptions.RevisionCompactedError):
+                raise WatchCompacted(
+                    f"etcd compacted the watched revision (now {item.compacted_revision})"
+                )
+            if isinstance(item, BaseException):
+                raise EtcdError(f"etcd watch failed: {_short(str(item))}")
+            newest = max(newest, int(item.header.revision))
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return newest
+
+    def close(self) -> None:
+        for watch_id in self._ids:
+            with contextlib.suppress(Exception):
+                self._client.cancel_watch(watch_id)
+        self._ids.clear()
+
+    def __enter__(self) -> PrefixWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

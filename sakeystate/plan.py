@@ -151,6 +151,7 @@ class Plan:
     write_jwks: bool = False
     host: str | None = None
     verified_kids: tuple[str, ...] = ()  # what this host's apiserver verifies after the plan
+    next_event: datetime | None = None  # the next moment at which time alone changes the plan
 
     @property
     def changed(self) -> bool:
@@ -217,6 +218,7 @@ class _Work:
     bundle_hosts: dict[str, str] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)  # host -> its current kid
     excluded: str | None = None
+    events: list[datetime] = field(default_factory=list)  # when time alone changes the plan
 
 
 def render_bundle(keys: Iterable[BundledKey]) -> bytes:
@@ -239,14 +241,21 @@ def jwk_of(item: BundledKey) -> dict[str, str]:
         alg = "RS256"
     else:
         jwk = ECAlgorithm.to_jwk(public, as_dict=True)
-        alg = {"ECDSA-P-256": "ES256", "ECDSA-P-384": "ES384", "ECDSA-P-521": "ES512"}[algorithm]
+        alg = _JWS_ALGORITHMS[algorithm]
     jwk.pop("key_ops", None)
     return {**jwk, "use": "sig", "kid": item.kid, "alg": alg}
 
 
+_JWS_ALGORITHMS = {"ECDSA-P-256": "ES256", "ECDSA-P-384": "ES384", "ECDSA-P-521": "ES512"}
+
+
 def render_jwks(keys: Iterable[BundledKey]) -> bytes:
-    """The effective set as a JWKS document, sorted by kid. Deterministic."""
-    document = {"keys": [jwk_of(k) for k in sorted(keys, key=lambda k: k.kid)]}
+    """The effective set as a JWKS document, sorted by kid. Deterministic. A key no JWS
+    algorithm signs with (a P-224 key kept from an old bundle) has no JWK."""
+    usable = [
+        k for k in keys if k.key.algorithm.startswith("RSA") or k.key.algorithm in _JWS_ALGORITHMS
+    ]
+    document = {"keys": [jwk_of(k) for k in sorted(usable, key=lambda k: k.kid)]}
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -477,6 +486,7 @@ def _supersede(work: _Work, items: list[_Key], local: LocalFacts) -> None:
 
 
 def _upcoming(work: _Work, key: _Key, drop_at: datetime, why: str) -> None:
+    work.events.append(drop_at)
     if (drop_at - work.at).days < UPCOMING_WINDOW_DAYS:
         work.warnings.append(
             f"key {key.kid} ({key.host or 'unknown host'}) will be dropped on "
@@ -518,10 +528,10 @@ def _pick_current(work: _Work, local: LocalFacts) -> None:
 def _exclude(work: _Work, local: LocalFacts) -> None:
     """Leave out the current key of exclude_host, which its apiserver loads itself.
 
-    Without own_cert, the current key is a guess from etcd: when the host has
-    published a newer key that is not trusted yet (a reimage awaiting review), its
-    apiserver may already sign with that one and still needs the old one verified
-    by the bundle for the tokens it issued before, so nothing is left out.
+    Without own_cert the current key is the host's newest published *trusted* key:
+    a junk key published under the host's name never changes its bundle (nor
+    restarts it). A newer key that awaits review is warned about: after a reimage
+    that is the key the apiserver signs with, and own_cert says so for certain.
     """
     host = work.desired.bundle.exclude_host
     if host is None or host == "self":
@@ -529,15 +539,13 @@ def _exclude(work: _Work, local: LocalFacts) -> None:
     kid = work.current.get(host)
     if kid is None:
         return
-    if local.own_kid is None:
-        newest = _newest_published(work, host)
-        if newest is not None and newest.kid != kid:
-            work.warnings.append(
-                f"exclude_host {host}: its newest published key {newest.kid} is not trusted "
-                f"yet, so its current key {kid} stays in the bundle; set own_cert to say "
-                "which key this host signs with"
-            )
-            return
+    newest = _newest_published(work, host)
+    if local.own_kid is None and newest is not None and newest.kid != kid:
+        work.warnings.append(
+            f"exclude_host {host}: it published {newest.kid}, newer than its current key "
+            f"{kid}, and not trusted; set own_cert so that sakeystate knows which key "
+            "this host signs with"
+        )
     key = work.keys.get(kid)
     if key is not None and key.drop is None:
         work.excluded = kid
@@ -880,7 +888,18 @@ def plan(
         host=desired.host,
         verified_kids=tuple(sorted(verified)),
         bundle_changed=key_set_changed,
+        next_event=_next_event(work),
     )
+
+
+def _next_event(work: _Work) -> datetime | None:
+    """The first retention removal or certificate start after ``at`` (what ``watch``
+    sleeps until); certificate starts and ends change warnings and trust verdicts."""
+    moments = list(work.events)
+    for key in work.keys.values():
+        moments += [m for m in (key.info.not_before, key.info.not_after) if m is not None]
+    future = [m for m in moments if m > work.at]
+    return min(future) if future else None
 
 
 # --- status records -------------------------------------------------------------------------

@@ -534,19 +534,29 @@ def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None
 def test_reimaged_host_keeps_its_old_key_in_its_own_bundle_while_new_key_awaits_review(
     env: Env,
 ) -> None:
-    """exclude_host drops the host's newest *published* key, not its newest trusted one."""
-    old = env.publish(private_key("ec521", 0), A, published=T0 - timedelta(days=30))
+    """R3: with own_cert, exclude_host leaves out exactly the key this host signs with.
+
+    After a reimage that is the new key, still awaiting review: the old key must stay
+    in the host's own bundle, or the tokens it signed before the reimage fail there.
+    """
+    old_key, new_key = private_key("ec521", 0), private_key("ec521", 1)
+    own = env.tmp / "sa.pem"
+    own.write_bytes(make_cert(old_key, "sa"))
+    old = env.publish(old_key, A, published=T0 - timedelta(days=30))
     other = env.publish(private_key("ec521", 2), B)
-    env.state([(old, A), (other, B)], bundle={"exclude_host": A})
+    shared = {"host": A, "own_cert": str(own), "bundle": {"exclude_host": "self"}}
+    env.state([(old, A), (other, B)], **shared)
     assert env.cli("converge", "--at", AT).code == 0
     assert bundle_kids(env) == [other]  # before the reimage A's apiserver loads `old` itself
-    new = env.publish(private_key("ec521", 1), A, published=T0 + timedelta(hours=1))
+    own.write_bytes(make_cert(new_key, "sa"))  # the reimage: a new key in own_cert
+    new = env.publish(new_key, A, published=T0 + timedelta(hours=1))
     result = env.cli("converge", "--at", "2026-11-22T12:00:00Z", "--format", "json")
     assert result.code == 0, result.err
     assert bundle_kids(env) == sorted([old, other])  # A now signs with `new`; `old` must verify
     status = {k["kid"]: k["status"] for k in json.loads(result.out)["keys"]}
     assert status[new] == "untrusted" and status[old] == "trusted"
-    env.state([(old, A), (new, A), (other, B)], bundle={"exclude_host": A})
+    assert f"this host's own key {new} ({A}) is not trusted" in result.err
+    env.state([(old, A), (new, A), (other, B)], **shared)
     after_review = env.cli("converge", "--at", "2026-11-22T12:00:00Z", "--format", "json")
     assert after_review.code == 0
     assert bundle_kids(env) == sorted([old, other])
