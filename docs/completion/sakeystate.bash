@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/sakeystate
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_sakeystate_subparsers=(validate plan converge check publish reload-done snapshot inspect adopt verify-token)
+_shtab_sakeystate_subparsers=(validate plan converge check publish reload-done status wait snapshot inspect adopt verify-token)
 
 _shtab_sakeystate_validate_option_strings=(-h --help --host --format -q --quiet)
 _shtab_sakeystate_plan_option_strings=(-h --help --state --host --at --format -q --quiet --observed --detailed-exitcode --allow-removals)
@@ -13,6 +13,8 @@ _shtab_sakeystate_converge_option_strings=(-h --help --state --host --format -q 
 _shtab_sakeystate_check_option_strings=(-h --help --state --host --at --format -q --quiet)
 _shtab_sakeystate_publish_option_strings=(-h --help --state --host --format -q --quiet --cert --check --detailed-exitcode)
 _shtab_sakeystate_reload_done_option_strings=(-h --help --state --host --format -q --quiet)
+_shtab_sakeystate_status_option_strings=(-h --help --state --host --at --format -q --quiet)
+_shtab_sakeystate_wait_option_strings=(-h --help --state --host --format -q --quiet --kid --cert --absent --timeout)
 _shtab_sakeystate_snapshot_option_strings=(-h --help --state --host --at --format -q --quiet)
 _shtab_sakeystate_inspect_option_strings=(-h --help --state --host --at --format -q --quiet --observed)
 _shtab_sakeystate_adopt_option_strings=(-h --help --state --cluster --endpoint --prefix --timeout --ca-file --cert-file --key-file --username --password-file --from-bundle --bundle-path --no-etcd -o --output --force --at)
@@ -27,10 +29,12 @@ _shtab_sakeystate_converge___format_choices=(text json)
 _shtab_sakeystate_check___format_choices=(text json)
 _shtab_sakeystate_publish___format_choices=(text json)
 _shtab_sakeystate_reload_done___format_choices=(text json)
+_shtab_sakeystate_status___format_choices=(text json)
+_shtab_sakeystate_wait___format_choices=(text json)
 _shtab_sakeystate_snapshot___format_choices=(json)
 _shtab_sakeystate_inspect___format_choices=(text json)
 _shtab_sakeystate_verify_token___format_choices=(text json)
-_shtab_sakeystate_pos_0_choices=(validate plan converge check publish reload-done snapshot inspect adopt verify-token)
+_shtab_sakeystate_pos_0_choices=(validate plan converge check publish reload-done status wait snapshot inspect adopt verify-token)
 
 _shtab_sakeystate_validate_pos_0_nargs=+
 _shtab_sakeystate_validate__h_nargs=0
@@ -64,6 +68,15 @@ _shtab_sakeystate_reload_done__h_nargs=0
 _shtab_sakeystate_reload_done___help_nargs=0
 _shtab_sakeystate_reload_done__q_nargs=0
 _shtab_sakeystate_reload_done___quiet_nargs=0
+_shtab_sakeystate_status__h_nargs=0
+_shtab_sakeystate_status___help_nargs=0
+_shtab_sakeystate_status__q_nargs=0
+_shtab_sakeystate_status___quiet_nargs=0
+_shtab_sakeystate_wait__h_nargs=0
+_shtab_sakeystate_wait___help_nargs=0
+_shtab_sakeystate_wait__q_nargs=0
+_shtab_sakeystate_wait___quiet_nargs=0
+_shtab_sakeystate_wait___absent_nargs=0
 _shtab_sakeystate_snapshot__h_nargs=0
 _shtab_sakeystate_snapshot___help_nargs=0
 _shtab_sakeystate_snapshot__q_nargs=0
