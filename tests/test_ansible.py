@@ -316,6 +316,25 @@ def test_missing_package_gives_the_standard_missing_library_message(tmp_path: Pa
     assert "Failed to import the required Python library (sakeystate)" in run.out
 
 
+def test_broken_install_fails_the_task_with_the_reason(env: Env) -> None:
+    # sakeystate importable, but one of its dependencies is not (a broken upgrade).
+    blocker = env.tmp / "without-cryptography"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['cryptography'] = None\n")
+    broken = env.tmp / "python-without-cryptography"
+    broken.write_text(f'#!/bin/sh\nPYTHONPATH={blocker} exec {sys.executable} "$@"\n')
+    broken.chmod(0o755)
+    key_id = env.publish(private_key("ec256", 18), "ctrl1001.example.org")
+    state = env.state([(key_id, "ctrl1001.example.org")])
+
+    for mode in ((), ("--check",)):
+        run = run_module(env.tmp, {"state_file": str(state)}, *mode, interpreter=str(broken))
+        assert run.code == 2, run
+        assert "fatal: [localhost]: FAILED!" in run.out
+        assert "cryptography" in run.out
+    assert env.bundle_bytes() is None
+
+
 def test_old_python_gives_the_standard_missing_library_message(tmp_path: Path) -> None:
     # An interpreter that reports itself as 3.10 (the module's floor is 3.11).
     old = tmp_path / "python3.10"
