@@ -21,7 +21,7 @@ import yaml
 
 from ansible_support import BIN, COLLECTION, ansible_tool, cli_help
 from conftest import Env
-from support import REPO, private_key, public_pem, state_data
+from support import REPO, kid, private_key, public_pem, state_data
 
 PLAYBOOK = REPO / "ansible" / "playbook.yml"
 HOSTS = ("ctrl1001.example.org", "ctrl1002.example.org", "ctrl1003.example.org")
@@ -609,12 +609,13 @@ def test_publish_checks_diffs_then_publishes_once(env: Env) -> None:
     assert checked.code == 0, checked
     assert checked.result is not None and checked.result["changed"] is True
     assert env.dump() == {}
-    assert f"after: etcd ({host})" in checked.out
+    assert checked.result["kid"] == kid(key)
+    assert f"+{env.prefix}{kid(key)}  # {host}" in checked.out.splitlines()
 
     published = run_module(env.tmp, args, module="publish")
     assert published.code == 0, published
     assert published.result is not None and published.result["changed"] is True
-    assert len(env.dump()) == 1
+    assert list(env.dump()) == [env.prefix + kid(key)] == [published.result["key"]]
 
     again = run_module(env.tmp, args, module="publish")
     assert again.result is not None and again.result["changed"] is False

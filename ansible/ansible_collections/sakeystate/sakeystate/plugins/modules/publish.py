@@ -80,6 +80,16 @@ message:
   returned: success
   type: str
   sample: published 8Xq0yTQ3c3bPqH0nJj6f2m1fV3tq1Lz0m9p2vXh7a4E for ctrl1001.eqiad.example.org
+kid:
+  description: The certificate's key fingerprint (kid).
+  returned: success
+  type: str
+  sample: 8Xq0yTQ3c3bPqH0nJj6f2m1fV3tq1Lz0m9p2vXh7a4E
+key:
+  description: The etcd key the certificate is (or would be) published under.
+  returned: success
+  type: str
+  sample: /kube-apiserver-sa-certs/8Xq0yTQ3c3bPqH0nJj6f2m1fV3tq1Lz0m9p2vXh7a4E
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -103,29 +113,34 @@ def main() -> None:
     )
     require_sakeystate(module)
     state, inline = state_arguments(module)
-    args = ["publish", *state]
+    args = ["publish", *state, "--format", "json"]
     if module.params["cert"]:
         args += ["--cert", module.params["cert"]]
     checked = run_cli(module, [*args, "--check"], inline)
     for warning in checked.warnings:
         module.warn(warning)
-    if checked.rc not in (ALREADY, WOULD_PUBLISH):
+    if checked.rc not in (ALREADY, WOULD_PUBLISH) or checked.report is None:
         module.fail_json(msg=checked.message())
-    message = checked.out.strip()
+    report = checked.report
     changed = checked.rc == WOULD_PUBLISH
     if changed and not module.check_mode:
         done = run_cli(module, args, inline)
-        if done.rc != 0:
+        if done.rc != 0 or done.report is None:
             module.fail_json(msg=done.message())
-        message = done.out.strip()
-    result: dict = {"changed": changed, "message": message}
+        report = done.report
+    result: dict = {
+        "changed": changed,
+        "message": report.get("message"),
+        "kid": report.get("kid"),
+        "key": report.get("key"),
+    }
     if module._diff:
-        target = f"etcd ({module.params['host'] or 'this host'})"
+        entry = f"{report.get('key')}  # {module.params['host'] or 'this host'}\n"
         result["diff"] = {
-            "before_header": target,
-            "after_header": target,
-            "before": "" if changed else f"{message}\n",
-            "after": f"{message}\n",
+            "before_header": "etcd",
+            "after_header": "etcd",
+            "before": "" if changed else entry,
+            "after": entry,
         }
     module.exit_json(**result)
 
