@@ -335,8 +335,8 @@ def diff_of(report: dict) -> list[dict[str, str]]:
     other = [
         f"{a.get('target')} {a.get('op')}: {a.get('reason')}"
         for a in report.get("actions", [])
-        if a.get("target") not in ("etcd", "bundle")
-        or a.get("op") not in ("add", "remove", "delete")
+        if a.get("target") != "etcd"
+        and not (a.get("target") == "bundle" and a.get("op") in ("add", "remove"))
     ]
     if report.get("reload_needed") and not any(
         a.get("target") == "reload" for a in report.get("actions", [])
