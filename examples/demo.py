@@ -4,7 +4,9 @@ Starts a throwaway local etcd, creates three control planes' keys, publishes
 them, converges every control plane; then reimages one (new key), shows the
 plan (old key kept, new key waiting for review), trusts the new kid, converges
 again, and verifies that a token signed with the OLD key still validates
-against the bundle. Everything runs through the real `sakeystate` command.
+against the bundle. Every control plane runs with the cluster's one reviewed
+state file (``host: self``, ``exclude_host: self``) and its own ``--host``.
+Everything runs through the real `sakeystate` command.
 Its etcd and temporary files are removed on exit, also on Ctrl-C.
 """
 
@@ -66,7 +68,7 @@ class ControlPlane:
         self.dir.mkdir()
         self.bundle = self.dir / "kube-apiserver-sa-certs.pem"
         self.state = self.dir / "state.yaml"
-        self.restarts = self.dir / "restarts.log"
+        self.restarts = self.dir / "restarts.log"  # written by the state's reload command
         self.key: Any = None
         self.reimage()
 
@@ -91,6 +93,10 @@ class ControlPlane:
     def kid(self) -> str:
         return kid_of(self.key.public_key())
 
+    def args(self) -> list[str]:
+        """The arguments every command takes on this control plane."""
+        return ["--state", str(self.state), "--host", self.host]
+
     def sign_token(self, subject: str) -> str:
         """A service-account token as kube-apiserver signs it (ES512, kid header)."""
         now = datetime.now(UTC)
@@ -104,39 +110,51 @@ class ControlPlane:
         }
         return jwt.encode(claims, self.key, algorithm="ES512", headers={"kid": self.kid})
 
-    def write_state(self, etcd_url: str, trusted: list[tuple[str, str]]) -> None:
-        reload = [
-            sys.executable,
-            "-c",
-            f"open({str(self.restarts)!r}, 'a').write('restart\\n'); "
-            "print('kube-apiserver restarted')",
-        ]
-        self.state.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "sakeystate/v1",
-                    "cluster": "demo",
-                    "etcd": {
-                        "endpoints": [etcd_url],
-                        "prefix": "/kube-apiserver-sa-certs/",
-                        "timeout": "5s",
-                    },
-                    "bundle": {
-                        "path": str(self.bundle),
-                        "mode": "0644",
-                        "exclude_host": self.host,
-                        "reload": reload,
-                    },
-                    "trusted": [{"fingerprint": kid, "host": host} for kid, host in trusted],
-                    "retention": {
-                        "superseded_grace": "8760h",
-                        "min_keys": 1,
-                        "max_removals": 1,
-                    },
-                },
-                sort_keys=False,
-            )
-        )
+    def deploy(self, etcd_url: str, trusted: list[tuple[str, str]]) -> None:
+        """Install the cluster's one reviewed state file on this control plane."""
+        self.state.write_text(reviewed_state(etcd_url, trusted, self.dir))
+
+
+def reviewed_state(etcd_url: str, trusted: list[tuple[str, str]], root: Path) -> str:
+    """The cluster's state file: one document for every control plane.
+
+    Nothing in it names a host: ``host: self`` is the ``--host`` each command is given
+    (on a real host, the machine's FQDN), ``exclude_host: self`` leaves out exactly this
+    host's own_cert key. On a real cluster the file is deployed unchanged; here the
+    three control planes share one disk, so ``root`` puts each one's files (bundle,
+    own certificate, restart log) in its own directory.
+    """
+    reload = [
+        sys.executable,
+        "-c",
+        f"open({str(root / 'restarts.log')!r}, 'a').write('restart\\n'); "
+        "print('kube-apiserver restarted')",
+    ]
+    document = {
+        "apiVersion": "sakeystate/v1",
+        "cluster": "demo",
+        "host": "self",
+        "own_cert": str(root / "sa.pem"),
+        "etcd": {
+            "endpoints": [etcd_url],
+            "prefix": "/kube-apiserver-sa-certs/",
+            "timeout": "5s",
+        },
+        "bundle": {
+            "path": str(root / "kube-apiserver-sa-certs.pem"),
+            "mode": "0644",
+            "exclude_host": "self",
+            "reload": reload,
+        },
+        "trusted": [{"fingerprint": kid, "host": host} for kid, host in trusted],
+        "retention": {
+            "max_token_lifetime": "8760h",
+            "superseded_grace": "8760h",
+            "min_keys": 1,
+            "max_removals": 1,
+        },
+    }
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def verify(token: str, plane: ControlPlane, also: Any = None) -> str:
@@ -181,24 +199,16 @@ def main() -> int:
         planes = [ControlPlane(root, host) for host in HOSTS]
         trusted = [(p.kid, p.host) for p in planes]
         for plane in planes:
-            plane.write_state(etcd.url, trusted)
+            plane.deploy(etcd.url, trusted)
 
-        say("Each control plane publishes its service-account certificate under its kid")
+        say("Each control plane publishes its own certificate (own_cert) under its kid")
         for plane in planes:
-            run(
-                "publish",
-                "--state",
-                str(plane.state),
-                "--cert",
-                str(plane.dir / "sa.pem"),
-                "--host",
-                plane.host,
-            )
+            run("publish", *plane.args())
 
         say("Converge every control plane (the reviewed state trusts the three kids)")
         for plane in planes:
-            run("converge", "--state", str(plane.state))
-        run("converge", "--state", str(planes[1].state), "--detailed-exitcode")
+            run("converge", *plane.args())
+        run("converge", *planes[1].args(), "--detailed-exitcode")
         print("(second converge: nothing changed, no restart)")
 
         first = planes[0]
@@ -208,31 +218,26 @@ def main() -> int:
         say(f"Reimage {first.host}: a new key is created and published")
         old_kid = first.kid
         first.reimage()
-        run(
-            "publish",
-            "--state",
-            str(first.state),
-            "--cert",
-            str(first.dir / "sa.pem"),
-            "--host",
-            first.host,
-        )
+        run("publish", *first.args())
+
+        say(f"Plan on {first.host} itself: its old key joins its own bundle; peers wait")
+        run("plan", *first.args(), "--detailed-exitcode", ok=(0, 2))
 
         say("Plan on ctrl1002 before review: the old key stays, the new one waits for review")
-        run("plan", "--state", str(planes[1].state), "--detailed-exitcode", ok=(0, 2))
+        run("plan", *planes[1].args(), "--detailed-exitcode", ok=(0, 2))
 
         say("A reviewer adds the new kid to the state file; the plan shown in code review")
         trusted.append((first.kid, first.host))
         for plane in planes:
-            plane.write_state(etcd.url, trusted)
-        run("plan", "--state", str(planes[1].state), "--format", "markdown")
+            plane.deploy(etcd.url, trusted)
+        run("plan", *planes[1].args(), "--format", "markdown")
 
         say("Converge every control plane again")
         for plane in planes:
-            run("converge", "--state", str(plane.state))
+            run("converge", *plane.args())
 
         say("Inspect the keys ctrl1002 sees")
-        run("inspect", "--state", str(planes[1].state))
+        run("inspect", *planes[1].args())
 
         say("The token signed with the OLD key before the reimage still verifies")
         for plane in planes:

@@ -528,7 +528,17 @@ def _build(
             # Unresolved (no --host, no FQDN on this machine) stays "self": validate on a
             # review machine accepts it, and the planner refuses to guess.
             exclude = host or "self"
-        elif host is not None and exclude != host:
+        elif not is_fqdn(exclude):
+            problems.append(
+                f"{where(('bundle', 'exclude_host'))}: {exclude!r} is not a fully qualified "
+                "host name; use self"
+            )
+        elif host is None:
+            problems.append(
+                f"{where(('bundle', 'exclude_host'))}: names {exclude}, but this host's FQDN "
+                "is unknown: pass --host, or use exclude_host: self with host set"
+            )
+        elif exclude != host:
             problems.append(
                 f"{where(('bundle', 'exclude_host'))}: names {exclude}, but this host is "
                 f"{host}; use exclude_host: self (one file serves every control plane)"
@@ -619,6 +629,9 @@ def _resolve_host(written: str, flag: str | None, where: str, problems: list[str
     given = flag.lower().rstrip(".") if flag else None
     if given is not None and not is_fqdn(given):
         problems.append(f"--host {flag!r} is not a fully qualified host name")
+        return None
+    if written != "self" and not is_fqdn(written):
+        problems.append(f"{where}: {written!r} is not a fully qualified host name (or self)")
         return None
     if written == "self":
         return given or machine_fqdn()

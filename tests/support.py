@@ -157,7 +157,13 @@ def state_data(
     data: dict[str, Any] = {
         "apiVersion": "sakeystate/v1",
         "cluster": "test",
-        "etcd": {"endpoints": [etcd_url], "prefix": prefix, "timeout": "5s"},
+        # Status records under the test's own prefix, never the global default.
+        "etcd": {
+            "endpoints": [etcd_url],
+            "prefix": prefix,
+            "timeout": "5s",
+            "status_prefix": prefix.rstrip("/").rsplit("/", 1)[0] + "/kube-apiserver-sa-status/",
+        },
         "bundle": {"path": str(bundle_path)},
         "trusted": entries,
         "retention": {

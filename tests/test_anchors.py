@@ -13,10 +13,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pki import T0, Ca, Leaf, Pki, host, self_signed
 
 from sakeystate.anchors import Anchor, Verdict, load_roots, verify, verify_any
 from sakeystate.errors import SakeystateError
+
+from pki import T0, Ca, Leaf, Pki, host, self_signed
 
 PKI = Pki()
 OTHER = Pki(org="Example Corp")  # an unrelated root and intermediate, same CN for both

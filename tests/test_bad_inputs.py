@@ -173,7 +173,6 @@ def _recipes() -> dict[str, Callable[[], tuple[str | None, bytes]]]:
         key = ec.generate_private_key(ec.SECP256K1())
         return "A" * 43, _header() + make_cert(key, BAD_HOST)
 
-    future = datetime(2027, 1, 1, tzinfo=UTC)
     lines = cert.splitlines(keepends=True)
     return {
         "garbage": lambda: (kid_of(ec256), b"hello, I am definitely a certificate\n"),
@@ -209,11 +208,6 @@ def _recipes() -> dict[str, Callable[[], tuple[str | None, bytes]]]:
             + rsa2048.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.PKCS1
             ),
-        ),
-        "not-yet-valid-certificate": lambda: (
-            kid_of(ec256),
-            _header()
-            + make_cert(ec256, BAD_HOST, not_before=future, not_after=future + timedelta(days=365)),
         ),
         "oversized": lambda: (
             kid_of(ec256),
@@ -288,6 +282,31 @@ def test_bad_etcd_value_is_reported_never_bundled_and_left_alone(
             assert marker.decode() not in text
     for marker in _SECRET_MARKERS:
         assert marker not in bundle
+
+
+def test_a_not_yet_valid_certificate_is_no_bad_input_trust_alone_decides(env: Env) -> None:
+    """Certificate dates never keep a key out (R1): kube-apiserver ignores them, and a
+    renewal dated seconds ahead of this host's clock must not drop a live key. Trust
+    alone decides: pinned, it is bundled; not pinned, it awaits review."""
+    TALLY["cases"] += 1
+    good_kid = env.publish(private_key("ec256", 60), GOOD_HOST)
+    future = datetime(2027, 1, 1, tzinfo=UTC)
+    dates = {"not_before": future, "not_after": future + timedelta(days=365)}
+    early = private_key("ec256", 63)
+    early_kid = env.publish(early, BAD_HOST, **dates)
+    stranger_kid = env.publish(private_key("ec256", 70), "ctrl8.example.org", **dates)
+    env.state([(good_kid, GOOD_HOST), (early_kid, BAD_HOST)])
+    before = env.dump()
+
+    result = env.cli("converge", "--at", AT, "--format", "json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["bundle"]["kids_after"] == sorted([good_kid, early_kid])
+    assert not any(early_kid in w for w in report["warnings"]), report["warnings"]
+    assert any(f"untrusted key {stranger_kid}" in w for w in report["warnings"])
+    keys, problems = parse_pem_bundle(env.bundle_bytes() or b"")
+    assert sorted(k.kid for k in keys) == sorted([good_kid, early_kid]) and not problems
+    assert env.dump() == before
 
 
 # --- bundle paths -------------------------------------------------------------------------
@@ -411,46 +430,72 @@ def _forged(victim: Any, forger: Any, host: str, not_after: datetime) -> bytes:
     return _header(host) + cert.public_bytes(serialization.Encoding.PEM)
 
 
-def test_etcd_writer_cannot_add_trust_and_mass_removal_is_refused(env: Env) -> None:
-    """An etcd writer can publish anything, but only reviewed kids are ever bundled.
-
-    Certificates are not chain-verified (the state names no CA), so a writer can
-    re-date a trusted key's certificate and make retention drop it: that is
-    bounded by max_removals and min_keys, and every removal is named in the plan.
+def test_etcd_writer_cannot_add_or_remove_trust_and_mass_removal_is_refused(env: Env) -> None:
+    """An etcd writer can publish anything, but only reviewed kids are ever bundled, and it
+    can remove nothing: a trusted key whose entry is overwritten, deleted or re-dated as
+    long expired stays in the bundle (R1, R9). Removals come from the state file only,
+    and more than max_removals of them at once are refused.
     """
     TALLY["cases"] += 1
     keys = [private_key("ec256", 120 + i) for i in range(4)]
     hosts = [f"ctrl{i}.example.org" for i in range(4)]
+    kids = [kid_of(k) for k in keys]
     for key, host in zip(keys, hosts, strict=True):
         env.publish(key, host)
-    env.state([(kid_of(k), h) for k, h in zip(keys, hosts, strict=True)])
+    env.state(list(zip(kids, hosts, strict=True)))
     assert env.cli("converge", "--at", AT).code == 0
     before_bundle = env.bundle_bytes()
 
     # Add trust: a new key under its own kid, and under a trusted kid (poisoning).
     intruder = private_key("ec256", 130)
     env.etcd.put(env.prefix + kid_of(intruder), _header() + make_cert(intruder, BAD_HOST))
-    env.etcd.put(env.prefix + kid_of(keys[0]), _header() + make_cert(intruder, BAD_HOST))
+    env.etcd.put(env.prefix + kids[0], _header() + make_cert(intruder, BAD_HOST))
     result = env.cli("converge", "--at", AT, "--format", "json")
+    assert result.code == 0, result.err
     report = json.loads(result.out)
-    assert kid_of(intruder) not in report["bundle"]["kids_after"]
     assert any("possible poisoning" in w for w in report["warnings"])
     assert any("add it to trusted after review" in w for w in report["warnings"])
-    # The poisoned kid is no longer served by etcd, so it would leave the bundle: one removal.
-    assert report["bundle"]["kids_after"] == sorted(kid_of(k) for k in keys[1:])
+    # The poisoned kid is no longer served by etcd: it stays in the bundle, reported (R9).
+    assert report["bundle"]["kids_after"] == sorted(kids)
+    assert report["actions"] == []
+    assert any(
+        f"trusted key {kids[0]}" in w and "kept in the bundle" in w for w in report["warnings"]
+    )
+    assert env.bundle_bytes() == before_bundle
     env.publish(keys[0], hosts[0])
     assert env.cli("converge", "--at", AT).code == 0
     assert env.bundle_bytes() == before_bundle
 
-    # Re-date three trusted keys' certificates as long expired: refused, nothing written.
+    # Delete one trusted entry, re-date two trusted keys' certificates as long expired.
     forger = private_key("ec256", 131)
-    for key, host in list(zip(keys, hosts, strict=True))[:3]:
+    env.etcd.client.delete(env.prefix + kids[1])
+    for key, host in list(zip(keys, hosts, strict=True))[2:]:
         env.etcd.put(
             env.prefix + kid_of(key), _forged(key, forger, host, datetime(2026, 1, 1, tzinfo=UTC))
         )
     dump = env.dump()
+    result = env.cli("converge", "--at", AT, "--format", "json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["actions"] == [] and report["bundle"]["kids_after"] == sorted(kids)
+    assert any(
+        f"trusted key {kids[1]}" in w and "kept in the bundle" in w for w in report["warnings"]
+    )
+    for index in (2, 3):
+        assert f"current key {kids[index]} expired 2026-01-01T00:00:00Z: the key is kept" in (
+            result.err
+        )
+    assert env.bundle_bytes() == before_bundle
+    assert env.dump() == dump
+
+    # Three revocations at once: more than max_removals, refused, nothing written.
+    env.state(
+        list(zip(kids, hosts, strict=True))[3:],
+        revoked=[{"fingerprint": k, "reason": "test"} for k in kids[:3]],
+    )
     result = env.cli("converge", "--at", AT)
     assert result.code == 1
+    assert "the plan removes 3 keys" in result.err
     assert "more than retention.max_removals (2)" in result.err
     assert env.bundle_bytes() == before_bundle
     assert env.dump() == dump

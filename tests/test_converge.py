@@ -409,7 +409,7 @@ def test_exclude_host_leaves_out_only_its_current_key(env: Env) -> None:
     old = env.publish(private_key("ec521", 0), A, published=T0 - timedelta(days=2))
     new = env.publish(private_key("ec521", 1), A, published=T0)
     other = env.publish(private_key("ec521", 2), B)
-    env.state([(old, A), (new, A), (other, B)], bundle={"exclude_host": A})
+    env.state([(old, A), (new, A), (other, B)], host=A, bundle={"exclude_host": "self"})
     result = env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err
     assert bundle_kids(env) == sorted([old, other])

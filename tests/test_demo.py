@@ -49,6 +49,8 @@ def test_demo_ends_with_the_old_token_verifying_and_removes_its_files() -> None:
     for host in ("ctrl1001", "ctrl1002", "ctrl1003"):
         assert re.search(rf"{host}\S*: token with kid {re.escape(old_kid.group(1))} verifies", out)
     assert "untrusted key" in out  # the reimaged key waits for review
+    # Its own host says so too (R3: own_cert is its current key, whatever etcd holds).
+    assert "this host's own key" in out and "its peers reject every token it signs" in out
     assert "Demo complete: no token stopped validating." in out
     root = re.search(r"data in (\S+)", out)
     assert root is not None and not Path(root.group(1)).exists()

@@ -39,9 +39,10 @@ def jwks_env(env: Env) -> Env:
     return env
 
 
-def trust(env: Env, *extra: tuple[str, Any], **bundle: Any) -> None:
+def trust(env: Env, *extra: tuple[str, Any], host: str | None = None, **bundle: Any) -> None:
     trusted = [(kid(k), h) for h, k in keys().items()] + [(kid(k), h) for h, k in extra]
-    env.state(trusted, bundle={"jwks_path": str(jwks_path(env)), **bundle})
+    on_host = {"host": host} if host else {}
+    env.state(trusted, bundle={"jwks_path": str(jwks_path(env)), **bundle}, **on_host)
 
 
 def jwks_path(env: Env) -> Path:
@@ -133,7 +134,7 @@ def test_lost_or_hand_edited_jwks_is_restored_without_touching_the_bundle(
 def test_jwks_keeps_the_exclude_host_key_that_the_bundle_leaves_out(jwks_env: Env) -> None:
     """OIDC-discovery consumers must verify this host's tokens too."""
     own = "ctrl1001.example.org"
-    trust(jwks_env, exclude_host=own)
+    trust(jwks_env, host=own, exclude_host="self")
     result = jwks_env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err
     own_kid = kid(keys()[own])

@@ -54,14 +54,20 @@ def legacy_layout(env: Env) -> Legacy:
     return Legacy(keys, [kid(k) for k in keys], certs, [sign(k) for k in keys])
 
 
-def control_plane(env: Env, legacy: Legacy, host: str, **overrides: Any) -> Path:
+def status_prefix(env: Env) -> str:
+    """This test's status records, apart from every other test's."""
+    return env.prefix.replace("sa-certs/", "sa-status/")
+
+
+def control_plane(env: Env, legacy: Legacy, host: str) -> Path:
     """One control plane's directory: the old watcher's bundle and its own state file."""
     home = env.tmp / host
     home.mkdir()
     bundle = home / "kube-apiserver-sa-certs.pem"
     bundle.write_bytes(b"".join(legacy.certs))
     trusted = list(zip(legacy.kids, HOSTS, strict=True))
-    data = state_data(env.etcd.url, env.prefix, bundle, trusted, **overrides)
+    etcd = {"status_prefix": status_prefix(env)}
+    data = state_data(env.etcd.url, env.prefix, bundle, trusted, host=host, etcd=etcd)
     return write_state(home / "state.yaml", data)
 
 
@@ -223,12 +229,19 @@ def test_three_concurrent_converges_migrate_without_a_key_or_token_ever_missing(
         assert value.key.certificate_pem is not None  # still `openssl x509`-readable
 
     # All three planned the migration from one revision; one transaction won, the
-    # other two lost their guards, re-read, found nothing left to move, wrote nothing.
+    # other two lost their guards, re-read, found nothing left to move, wrote nothing
+    # but their own status record (one put each).
     assert len(list(barrier.glob("*.read"))) == 3
     outcomes = [
         line.split() for log in barrier.glob("*.txn") for line in log.read_text().splitlines()
     ]
-    assert sorted(outcomes) == [["False", "6"], ["False", "6"], ["True", "6"]]
+    lost, won, status = ["False", "6"], ["True", "6"], ["True", "1"]
+    assert sorted(outcomes) == sorted([lost, lost, won, *[status] * len(HOSTS)])
+    statuses = env.etcd.dump(status_prefix(env))
+    assert sorted(statuses) == sorted(status_prefix(env) + h for h in HOSTS)
+    for host in HOSTS:
+        record = json.loads(statuses[status_prefix(env) + host])
+        assert (record["host"], record["kids"]) == (host, sorted(legacy.kids))
     # Each legacy entry was migrated by exactly one of the three racing runs.
     migrated = [a["kid"] for r in reports.values() for a in r["actions"] if a["op"] == "migrate"]
     assert sorted(migrated) == sorted(legacy.kids)
@@ -247,8 +260,8 @@ def test_three_concurrent_converges_migrate_without_a_key_or_token_ever_missing(
         )
         assert again.returncode == 0, again.stdout + again.stderr
         assert "No changes" in again.stdout
-    assert env.dump() == dump
-    assert current_revision(env) == end
+    assert env.dump() == dump and env.etcd.dump(status_prefix(env)) == statuses
+    assert current_revision(env) == end  # a no-op run writes nothing, status included
 
 
 def test_untrusted_legacy_key_is_migrated_but_not_bundled(env: Env) -> None:
@@ -266,7 +279,8 @@ def test_untrusted_legacy_key_is_migrated_but_not_bundled(env: Env) -> None:
     assert not verifies_with_bundle(legacy.tokens[2], bundle)
     assert all(verifies_with_bundle(t, bundle) for t in legacy.tokens[:2])
     untrusted = next(k for k in report["keys"] if k["kid"] == legacy.kids[2])
-    assert untrusted["status"] == "untrusted" and untrusted["in_bundle"] is False
+    assert untrusted["status"] == "untrusted"
+    assert untrusted["in_bundle"] is False and untrusted["bundle_after"] is False
     assert any(legacy.kids[2] in w and "untrusted" in w for w in report["warnings"])
 
 
@@ -297,7 +311,8 @@ def test_malformed_legacy_entries_are_reported_and_left_alone(env: Env) -> None:
         stored, meta = env.etcd.client.get(env.prefix + host)
         assert stored == value and meta.mod_revision == before[host]
         entry = next(k for k in report["keys"] if k["etcd_key"] == env.prefix + host)
-        assert entry["status"] == "rejected" and entry["in_bundle"] is False
+        assert entry["status"] == "rejected" and entry["trust"] is None
+        assert entry["in_bundle"] is False and entry["bundle_after"] is False
         assert any(env.prefix + host in w for w in report["warnings"])
     assert not any(a.get("key") == env.prefix + h for a in report["actions"] for h in bad)
     assert report["bundle"]["kids_after"] == sorted(legacy.kids)
@@ -382,7 +397,7 @@ def test_legacy_key_counts_as_older_than_the_key_its_host_published_since(env: E
     new_key = private_key("ec521", 5)
     new_kid = env.publish(new_key, host, published=T0 - timedelta(days=10))
     trusted = [*zip(legacy.kids, HOSTS, strict=True), (new_kid, host)]
-    env.state(trusted, bundle={"exclude_host": host})
+    env.state(trusted, host=host, bundle={"exclude_host": "self"})
 
     result = env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err

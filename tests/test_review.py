@@ -62,23 +62,45 @@ def test_markdown_plan_has_summary_table_with_reasons_and_warnings(env: Env) -> 
         ]
     )
     warnings = lines[lines.index("**Warnings**") + 2 :]
-    expiry = T0 + timedelta(days=10)
     assert (
         f"- untrusted key {kids['untrusted']} (ctrl1009.example.org) is published in etcd; "
         "add it to trusted after review" in warnings
     )
     assert (
-        f"- trusted key {NOT_PUBLISHED} (ctrl1004.example.org) is not published in etcd yet"
-        in warnings
+        f"- trusted key {NOT_PUBLISHED} (ctrl1004.example.org) is not published in etcd" in warnings
     )
-    assert (
-        f"- key {kids['expiring']} (ctrl1002.example.org) will be dropped on "
-        f"{format_time(expiry + timedelta(hours=24))}: certificate expires {format_time(expiry)}"
-        in warnings
-    )
+    # R1: a certificate expiring in 10 days removes nothing, so no drop is announced.
+    assert not any(kids["expiring"] in w and "dropped" in w for w in warnings)
     # Keys retention keeps for longer than 30 days are not a reviewer's concern yet.
     assert not any(kids["current"] in w for w in warnings)
     assert lines[-1] == f"Bundle `{env.bundle}`: 0 -> 2 keys."
+
+
+def test_markdown_plan_warns_of_a_superseded_key_dropped_within_30_days(env: Env) -> None:
+    """A reviewer sees a drop coming (supersession, R1: never a certificate's expiry)."""
+    host = "ctrl1001.example.org"
+    grace = timedelta(hours=8760)
+    old = env.publish(private_key("ec256", 34), host, published=T0 - grace - timedelta(days=9))
+    new = env.publish(private_key("ec256", 35), host, published=T0 - grace + timedelta(days=10))
+    expiring = env.publish(
+        private_key("ec384", 36), "ctrl1002.example.org", not_after=T0 + timedelta(days=5)
+    )
+    env.state([(old, host), (new, host), (expiring, "ctrl1002.example.org")])
+
+    result = env.cli("plan", "--at", AT, "--format", "markdown")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    warnings = lines[lines.index("**Warnings**") + 2 :]
+    drop = format_time(T0 + timedelta(days=10))
+    upcoming = f"- key {old} ({host}) will be dropped on {drop}: superseded by {new}"
+    assert [w for w in warnings if old in w or new in w] == [upcoming]
+    assert not any(expiring in w for w in warnings)
+    assert env.cli("converge", "--at", AT).code == 0
+    after = json.loads(env.cli("plan", "--at", drop, "--format", "json").out)
+    assert {(a["target"], a["op"], a.get("kid")) for a in after["actions"]} == {
+        ("bundle", "remove", old),
+        ("etcd", "delete", old),
+    }
 
 
 def test_markdown_plan_in_sync_has_no_table(env: Env) -> None:
@@ -172,7 +194,9 @@ def test_offline_plan_from_a_snapshot_equals_the_live_plan_at_that_moment(env: E
         [(kids["current"], "ctrl1001.example.org"), (kids["untrusted"], "ctrl1009.example.org")],
         retention={"max_removals": 1},
     )
-    later = format_time(T0 + timedelta(days=20))  # the expiring key has gone by then
+    # By then the expiring key's certificate has expired, which removes nothing (R1): the
+    # key leaves the bundle because it is no longer trusted, and stays in etcd.
+    later = format_time(T0 + timedelta(days=20))
     snapshot = env.tmp / "snap.json"
     snap = env.cli("snapshot", "--at", later)
     assert snap.code == 0, snap.err
@@ -190,13 +214,19 @@ def test_offline_plan_from_a_snapshot_equals_the_live_plan_at_that_moment(env: E
     offline_json = env.cli("plan", "--at", later, "--format", "json", "--observed", str(snapshot))
     assert offline_json.out == live_json
     moved.rename(env.bundle)
-    report = json.loads(env.cli("plan", "--at", later, "--format", "json").out)
+    plan = env.cli("plan", "--at", later, "--format", "json")
+    report = json.loads(plan.out)
     assert report["changed"] is True
-    assert {(a["target"], a["op"], a.get("kid")) for a in report["actions"]} >= {
+    assert {(a["target"], a["op"], a.get("kid")) for a in report["actions"]} == {
         ("bundle", "add", kids["untrusted"]),
         ("bundle", "remove", kids["expiring"]),
-        ("etcd", "delete", kids["expiring"]),
     }
+    # R5: the untrusted key is the newest ctrl1002 has published: refused unless revoked.
+    assert plan.code == 1
+    assert any(
+        f"the plan removes {kids['expiring']}, the newest key ctrl1002.example.org" in e
+        for e in report["errors"]
+    )
 
     # The snapshot is frozen: etcd moving on does not change the offline plan.
     before = env.cli("plan", "--at", later, "--format", "json", "--observed", str(snapshot)).out

@@ -35,6 +35,7 @@ from support import T0, entry_value, kid, make_cert, private_key, run_cli, state
 
 PREFIX = "/tls/kube-apiserver-sa-certs/"
 PASSWORD = "s3cr3t-Pa55w0rd-that-must-never-leak"
+AUTH_ROOT = "/auth/"
 
 
 # --- a throwaway PKI ----------------------------------------------------------------------
@@ -301,7 +302,7 @@ class AuthEtcd:
 def auth_etcd() -> Iterator[AuthEtcd]:
     directory = tempfile.mkdtemp(prefix="sakeystate-auth-")
     server = EtcdServer(directory, name="auth").start()
-    prefix = "/auth/kube-apiserver-sa-certs/"
+    prefix = AUTH_ROOT + "kube-apiserver-sa-certs/"
     try:
         # Setting up the users is the test's business; sakeystate itself only ever
         # reads the password from its file.
@@ -309,8 +310,9 @@ def auth_etcd() -> Iterator[AuthEtcd]:
         server.etcdctl("user", "grant-role", "root", "root")
         server.etcdctl("user", "add", f"sakeystate:{PASSWORD}")
         server.etcdctl("role", "add", "sakeystate")
+        # The keys, the status records and the reload lock: everything under /auth/.
         server.etcdctl(
-            "role", "grant-permission", "--prefix=true", "sakeystate", "readwrite", prefix
+            "role", "grant-permission", "--prefix=true", "sakeystate", "readwrite", AUTH_ROOT
         )
         server.etcdctl("user", "grant-role", "sakeystate", "sakeystate")
         server.etcdctl("auth", "enable")
@@ -359,7 +361,12 @@ def test_password_file_auth_converges_and_never_shows_the_password(
         auth_etcd.prefix,
         tmp_path / "sa-certs.pem",
         [(kid(key), "ctrl1.example.org")],
-        etcd={"auth": {"username": "sakeystate", "password_file": str(password_file)}},
+        host="ctrl1.example.org",
+        etcd={
+            "auth": {"username": "sakeystate", "password_file": str(password_file)},
+            "status_prefix": AUTH_ROOT + "kube-apiserver-sa-status/",
+            "reload_lock": AUTH_ROOT + "kube-apiserver-sa-reload-lock",
+        },
         bundle={"reload": [sys.executable, "-c", spy]},
     )
     state = write_state(tmp_path / "state.yaml", data)
@@ -388,6 +395,9 @@ def test_password_file_auth_converges_and_never_shows_the_password(
     assert f"# {kid(key)} ctrl1.example.org" in (tmp_path / "sa-certs.pem").read_text()
     snapshot = json.loads(outputs[10])
     assert [e["key"] for e in snapshot["entries"]] == [auth_etcd.prefix + kid(key)]
+    # The status record was written with the same credentials.
+    status = auth_etcd.ctl("get", AUTH_ROOT + "kube-apiserver-sa-status/ctrl1.example.org")
+    assert f'"kids": ["{kid(key)}"]'.encode() in status
     for path in tmp_path.iterdir():
         if path != password_file and path.is_file():
             _no_password(path.read_bytes())

@@ -159,7 +159,7 @@ def test_token_of_a_newly_trusted_key_fails_now_and_verifies_after(cluster: Env)
 
 def test_exclude_host_key_verifies_as_the_hosts_own_key(cluster: Env) -> None:
     trusted = [(kid(private_key("rsa2048", 0)), A), (kid(private_key("ec256", 0)), B)]
-    cluster.state(trusted, bundle={"exclude_host": B})
+    cluster.state(trusted, host=B, bundle={"exclude_host": "self"})
     assert cluster.cli("converge", "--at", AT).code == 0
     code, out, _err = verify(cluster, sign(private_key("ec256", 0)))
     assert code == 0, out
