@@ -49,7 +49,7 @@
 class sakeystate (
   Sakeystate::Absolutepath           $state_file    = '/etc/sakeystate/state.yaml',
   Optional[String[1]]                $state_content = undef,
-  Sakeystate::Absolutepath           $sakeystate    = '/usr/bin/sakeystate',
+  Sakeystate::Absolutepath           $sakeystate    = '/usr/local/bin/sakeystate',
   Optional[Sakeystate::Fqdn]         $host          = undef,
   Enum['plan', 'check']              $guard         = 'plan',
   Boolean                            $publish       = false,
