@@ -163,6 +163,21 @@ def test_ansible_lint_passes_the_example_playbook(tmp_path: Path) -> None:
     assert "0 failure(s), 0 warning(s)" in proc.stdout + proc.stderr
 
 
+def test_ansible_lint_passes_the_collection(tmp_path: Path) -> None:
+    root = collection_copy(tmp_path)
+    proc = subprocess.run(
+        [str(BIN / "ansible-lint"), "--offline", "--nocolor"],
+        cwd=root,
+        env={**ansible_environ(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
+
+
 def test_ansible_lint_rejects_a_playbook_without_fqcn(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     plays = yaml.safe_load((REPO / "ansible" / "playbook.yml").read_text())
