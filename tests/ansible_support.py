@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 from support import REPO
@@ -55,15 +54,3 @@ def ansible_tool(
         timeout=timeout,
         check=False,
     )
-
-
-@cache
-def cli_help(*command: str) -> str:
-    """``sakeystate COMMAND --help``: tells whether the CLI offers what a test needs."""
-    proc = subprocess.run(
-        [str(BIN / "sakeystate"), *command, "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return proc.stdout

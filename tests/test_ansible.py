@@ -19,22 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from ansible_support import BIN, COLLECTION, ansible_tool, cli_help
+from ansible_support import BIN, COLLECTION, ansible_tool
 from conftest import Env
-from support import REPO, kid, private_key, public_pem, state_data
+from support import REPO, kid, make_cert, private_key, public_pem, state_data
 
 PLAYBOOK = REPO / "ansible" / "playbook.yml"
 HOSTS = ("ctrl1001.example.org", "ctrl1002.example.org", "ctrl1003.example.org")
-# Contract revision 2's CLI (converge --no-reload, reload-done, publish --check): the tests
-# that drive it run once the CLI offers it.
-needs_no_reload = pytest.mark.skipif(
-    "--no-reload" not in cli_help("converge") or "reload-done" not in cli_help(),
-    reason="needs `converge --no-reload` and `reload-done` (contract revision 2 CLI)",
-)
-needs_publish_check = pytest.mark.skipif(
-    "--check" not in cli_help("publish"),
-    reason="needs `publish --check` (contract revision 2 CLI)",
-)
 
 
 @dataclass
@@ -479,7 +469,6 @@ def fleet(env: Env) -> Fleet:
     return result
 
 
-@needs_no_reload
 def test_owed_restart_survives_abort_and_failed_handler_and_happens_once(fleet: Fleet) -> None:
     a, b, c = HOSTS
     aborted = fleet.play(abort_host=a)
@@ -514,7 +503,6 @@ def test_owed_restart_survives_abort_and_failed_handler_and_happens_once(fleet: 
     )
 
 
-@needs_no_reload
 def test_check_mode_reports_a_state_change_made_in_the_same_play(fleet: Fleet) -> None:
     a, b, c = HOSTS
     # Fresh hosts: no state file, no bundle yet. Check mode still plans from the template.
@@ -544,7 +532,6 @@ def test_check_mode_reports_a_state_change_made_in_the_same_play(fleet: Fleet) -
     assert fleet.restarts == [a, b, c, a, b, c]
 
 
-@needs_no_reload
 def test_handler_follows_the_key_set_not_an_etcd_only_cleanup(fleet: Fleet) -> None:
     assert fleet.play().code == 0
     assert fleet.restarts == list(HOSTS)
@@ -567,7 +554,6 @@ def test_handler_follows_the_key_set_not_an_etcd_only_cleanup(fleet: Fleet) -> N
     assert fleet.restarts == list(HOSTS)
 
 
-@needs_no_reload
 def test_result_reports_bundle_changed_and_reload_needed_until_confirmed(env: Env) -> None:
     key = private_key("ec256", 41)
     state = env.state([(env.publish(key, "ctrl1001.example.org"), "ctrl1001.example.org")])
@@ -594,10 +580,7 @@ def test_result_reports_bundle_changed_and_reload_needed_until_confirmed(env: En
     assert (settled.result["reload_needed"], settled.result["changed"]) == (False, False)
 
 
-@needs_publish_check
 def test_publish_checks_diffs_then_publishes_once(env: Env) -> None:
-    from support import make_cert
-
     host = "ctrl1001.example.org"
     key = private_key("ec256", 42)
     cert = env.tmp / "sa.pem"

@@ -17,9 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ansible_support import cli_help
 from conftest import Env
-from support import REPO, free_port, kid, private_key, public_pem, state_data, write_state
+from support import (
+    REPO,
+    free_port,
+    kid,
+    make_cert,
+    private_key,
+    public_pem,
+    state_data,
+    write_state,
+)
 
 MODULEPATH = REPO / "puppet"
 MODULE = MODULEPATH / "sakeystate"
@@ -29,10 +37,6 @@ NOW = datetime.now(UTC)
 # are valid around now (no assertion depends on how long anything takes).
 VALID_NOW = {"not_before": NOW - timedelta(days=1), "not_after": NOW + timedelta(days=365)}
 GUARDS = ["plan", "check"]
-# Contract revision 2's CLI: a crash of `check` exits 0, converge --no-reload / reload-done,
-# publish --check. The tests that rely on it run once the CLI offers it.
-REV2 = "reload-done" in cli_help()
-needs_rev2 = pytest.mark.skipif(not REV2, reason="needs the contract revision 2 CLI")
 
 
 def puppet_binary() -> str:
@@ -114,8 +118,6 @@ def drifted(env: Env) -> Path:
 
 @pytest.mark.parametrize("guard", GUARDS)
 def test_first_apply_converges_second_apply_changes_nothing(env: Env, guard: str) -> None:
-    if guard == "check" and not REV2:
-        pytest.skip("needs the contract revision 2 CLI")
     state = drifted(env)
     manifest = sakeystate_class(state, guard=pp(guard))
 
@@ -153,8 +155,6 @@ def test_apply_fails_loudly_when_etcd_is_unreachable(env: Env, guard: str) -> No
 
 @pytest.mark.parametrize("guard", GUARDS)
 def test_broken_install_with_drift_fails_the_run(env: Env, guard: str) -> None:
-    if guard == "check" and not REV2:
-        pytest.skip("needs the revision 2 CLI: check exits 0 when it crashes")
     state = drifted(env)
     run = puppet_apply(
         env.tmp, sakeystate_class(state, broken_sakeystate(env.tmp), guard=pp(guard))
@@ -200,10 +200,7 @@ def test_state_content_is_validated_before_it_replaces_the_file(env: Env) -> Non
     assert env.bundle_bytes() is not None
 
 
-@needs_rev2
 def test_publish_exec_publishes_once(env: Env) -> None:
-    from support import make_cert
-
     host = "ctrl1001.example.org"
     key = private_key("ec256", 24)
     cert = env.tmp / "sa.pem"
@@ -223,7 +220,6 @@ def test_publish_exec_publishes_once(env: Env) -> None:
     assert second.returncode == 0
 
 
-@needs_rev2
 @pytest.mark.xfail(
     strict=True,
     reason="needs plan/check to report the reload that converge --no-reload left owed "
