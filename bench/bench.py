@@ -161,6 +161,7 @@ class Cluster:
     name: str
     root: Path
     trusted: list[tuple[str, str | None]] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
     reload: list[str] | None = None
 
     @property
@@ -190,6 +191,7 @@ class Cluster:
             "trusted": [
                 {"fingerprint": k, "host": h} if h else {"fingerprint": k} for k, h in self.trusted
             ],
+            "revoked": [{"fingerprint": k, "reason": "bench"} for k in self.revoked],
             "retention": {
                 "superseded_grace": "8760h",
                 "min_keys": 1,
@@ -346,8 +348,8 @@ def bench_events(etcd: Etcd, root: Path) -> list[EventRow]:
     cluster = Cluster(etcd, "events", root, reload=["sh", "-c", f"echo reload >> {counter}"])
     hosts = [f"ctrl{i}.bench.example.org" for i in range(3)]
     keys = [dataset.new_key() for _ in hosts]
-    # The third host's certificate expires in two days: the expiry event looks four days
-    # ahead (--at), past the 24h expired_grace.
+    # The third host's certificate expires in two days; expiry removes nothing (it is no
+    # event), so the last events revoke that host's key instead.
     not_after = [now + timedelta(days=365), now + timedelta(days=365), now + timedelta(days=2)]
     serial = iter(range(1, 1000))
     cert_dir = root / "certs"
@@ -395,9 +397,11 @@ def bench_events(etcd: Etcd, root: Path) -> list[EventRow]:
     event("reimage: new key published, awaiting review", 0)
     trust(reimaged, 1)
     event("reimage: new key added to trusted", 1)
-    later = ("--at", (now + timedelta(days=4)).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    event("expiry: a certificate expired past expired_grace", 1, *later)
-    event("no-op after the expiry", 0, *later)
+    cluster.revoked.append(kid_of(keys[2].public_key()))
+    cluster.trusted = [t for t in cluster.trusted if t[0] not in cluster.revoked]
+    cluster.write_state()
+    event("revocation of a host's key", 1)
+    event("no-op after the revocation", 0)
     print("  events: done", file=sys.stderr)
     return rows
 

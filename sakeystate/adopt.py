@@ -27,7 +27,8 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from sakeystate.errors import SakeystateError
+from sakeystate.errors import KeyRejected, SakeystateError
+from sakeystate.escape import for_terminal, for_yaml_comment
 from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle, parse_value
 from sakeystate.model import BundleObservation, EtcdObservation
 from sakeystate.plan import plan
@@ -65,7 +66,7 @@ class Adoption:
     text: str
     keys: tuple[AdoptedKey, ...]
     bundled_after: tuple[str, ...]  # the kids converge would bundle with this state
-    warnings: tuple[str, ...]
+    warnings: tuple[str, ...]  # escaped for a terminal: they quote etcd key names
 
 
 def base_document(o: Options, from_state: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -112,18 +113,46 @@ def base_document(o: Options, from_state: Mapping[str, Any] | None) -> dict[str,
 
 
 def _cert_host(key: KeyInfo) -> str | None:
-    """The host a certificate names (first DNS SAN, else its CN), when it is an FQDN."""
+    """The host a certificate names (first DNS SAN, else its CN) when it is an FQDN.
+
+    Raises KeyRejected for a CA certificate (never a service-account key) and
+    for extensions cryptography refuses to read (a duplicate SAN, say): this is
+    the boundary where the certificate's own bytes are interpreted, and
+    cryptography signals malformed input with several unrelated exception
+    classes (ValueError, DuplicateExtension, UnsupportedGeneralNameType, ...),
+    every one of which must become a rejection, never a traceback.
+    """
     if key.certificate_pem is None:
         return None
-    cert = x509.load_pem_x509_certificate(key.certificate_pem)
+    try:
+        cert = x509.load_pem_x509_certificate(key.certificate_pem)
+        is_ca = _is_ca(cert)
+        names = _names(cert)
+    except Exception as exc:  # any parse failure is a rejection: see the docstring
+        raise KeyRejected(f"certificate cannot be read: {type(exc).__name__}: {exc}") from None
+    if is_ca:
+        raise KeyRejected(
+            "a CA certificate (basicConstraints CA:TRUE) is not a service-account key"
+        )
+    return next((n for n in names if _FQDN_RE.match(n) and "." in n), None)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    """DNS SANs first, then the subject CNs."""
     names: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names += san.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         pass
-    names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return next((n for n in names if _FQDN_RE.match(n) and "." in n), None)
+    return names + [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
 def _from_etcd(
@@ -144,6 +173,11 @@ def _from_etcd(
             warnings.append(f"etcd key {report.etcd_key}{what}: {why}; not adopted")
             continue
         key = parse_value(values[report.etcd_key]).key
+        try:
+            _cert_host(key)  # only for its refusals: the planner already named the host
+        except KeyRejected as exc:
+            warnings.append(f"etcd key {report.etcd_key} ({report.kid}): {exc}; not adopted")
+            continue
         legacy = not report.etcd_key.endswith("/" + report.kid)
         item = AdoptedKey(report.kid, key, report.host)
         layout = " (legacy layout, migrated by converge)" if legacy else ""
@@ -176,7 +210,12 @@ def adopt(
             if info.kid in revoked:
                 warnings.append(f"bundle {bundle_source} block {number}: {info.kid} is revoked")
                 continue
-            item = in_etcd.get(info.kid) or AdoptedKey(info.kid, info, _cert_host(info))
+            try:
+                host = _cert_host(info)
+            except KeyRejected as exc:
+                warnings.append(f"bundle {bundle_source} block {number} ({info.kid}): {exc}")
+                continue
+            item = in_etcd.get(info.kid) or AdoptedKey(info.kid, info, host)
             item.sources.append(f"bundle {bundle_source} block {number}")
             keys[info.kid] = item
             if observed is not None and info.kid not in in_etcd:
@@ -213,14 +252,36 @@ def adopt(
                 )
     text = render(base, ordered, at, warnings)
     load_state_text(text, "the adopted state")  # what validate will say about it
-    return Adoption(text, tuple(ordered), bundled, tuple(warnings))
+    return Adoption(text, tuple(ordered), bundled, tuple(for_terminal(w) for w in warnings))
+
+
+def with_anchor(base: Mapping[str, Any], ca_file: str, first: Adoption) -> dict[str, Any]:
+    """The base document with a trust anchor for ``ca_file`` over the adopted keys' hosts.
+
+    The keys found stay pinned (reviewed now); the anchor trusts the next ones its CA
+    certifies for these hosts (a reimage) with no edit. ``common_name`` is set when
+    every certificate found shares one subject CN (the seed PKI's ``sa``), which binds
+    the anchor to the service-account profile.
+    """
+    from sakeystate.anchors import load_roots
+    from sakeystate.files import read_capped
+
+    load_roots(read_capped(ca_file, MAX_BUNDLE_BYTES, "--anchor-ca"), f"--anchor-ca {ca_file}")
+    hosts = sorted({k.host for k in first.keys if k.trusted and k.host})
+    if not hosts:
+        raise SakeystateError("--anchor-ca: no adopted key names its host; nothing to anchor")
+    names = {k.key.subject_cn for k in first.keys if k.trusted and k.key.certificate_pem}
+    anchor: dict[str, Any] = {"name": f"{base['cluster']}-pki", "ca_file": ca_file, "hosts": hosts}
+    if len(names) == 1 and None not in names:
+        anchor["common_name"] = names.pop()
+    return {**base, "trust_anchors": [anchor]}
 
 
 def _comment(item: AdoptedKey) -> list[str]:
     expires = format_time(item.key.not_after) if item.key.not_after else "no certificate"
     first = f"{item.key.algorithm}, not after {expires}"
     lines = [first, *item.sources, *item.notes]
-    return [f"# {line}" for line in lines]
+    return [f"# {for_yaml_comment(line)}" for line in lines]
 
 
 def _dump(data: Any) -> str:
@@ -240,7 +301,9 @@ def render(
         "# Review every trusted key before committing: this file decides which",
         "# service-account keys every kube-apiserver of the cluster accepts.",
     ]
-    head += [f"# warning: {w}" for w in warnings]
+    # Warnings quote etcd key names, which may hold line breaks: escaped, each
+    # stays one comment line and cannot become a live section of the file.
+    head += [f"# warning: {for_yaml_comment(w)}" for w in warnings]
     order = ("apiVersion", "cluster", "etcd", "bundle")
     out = "\n".join(head) + "\n"
     out += _dump({k: base[k] for k in order if k in base})
@@ -317,6 +380,7 @@ class Options:
         "from_bundle",
         "output",
         "force",
+        "anchor_ca",
     )
 
     at: datetime
@@ -335,6 +399,7 @@ class Options:
     read_etcd: bool = True
     output: str = "-"
     force: bool = False
+    anchor_ca: str | None = None
 
 
 def run(options: Options) -> Adoption:
@@ -349,6 +414,9 @@ def run(options: Options) -> Adoption:
             observed = store.read(desired.etcd.prefix)
     data = read_bundle(options.from_bundle) if options.from_bundle else None
     result = adopt(base, options.at, observed, data, options.from_bundle)
+    if options.anchor_ca:
+        base = with_anchor(base, options.anchor_ca, result)
+        result = adopt(base, options.at, observed, data, options.from_bundle)
     if options.output != "-":
         write_output(options.output, result.text, options.force)
     return result

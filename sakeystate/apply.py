@@ -9,25 +9,33 @@ owed; write the bundle atomically; reload; clear the mark.
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 
 from sakeystate import bundle
-from sakeystate.anchors import Anchor, load_roots, verify_any
+from sakeystate.anchors import Anchor, load_roots
 from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
+from sakeystate.escape import for_terminal
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
-from sakeystate.plan import LocalFacts, Plan, plan, plan_publish, status_record
+from sakeystate.plan import LocalFacts, Plan, certify, plan, plan_publish, status_record
 from sakeystate.state import AnchorConfig, BundleConfig, DesiredState
 
 # A guarded write that loses a race is re-planned from a fresh read this often.
 MAX_ATTEMPTS = 5
 RELOAD_CHECK_INTERVAL = 1.0
 MAX_CA_FILE_BYTES = 1024 * 1024
+# How much of a failed reload's output is kept for its error message.
+RELOAD_OUTPUT_TAIL = 4096
+# How long output is still read after the reload command exited (a daemon it
+# started may hold the pipe open forever).
+RELOAD_DRAIN_GRACE = 0.5
 
 
 def own_key(desired: DesiredState) -> KeyInfo | None:
@@ -46,6 +54,7 @@ def local_facts(desired: DesiredState) -> LocalFacts:
         own_kid = own.kid if own else None
     except SakeystateError as exc:
         problems.append(str(exc))
+    problems += bundle.preflight(desired.bundle)
     anchors = []
     for config in desired.trust_anchors:
         try:
@@ -113,7 +122,8 @@ def converge(
 ) -> Plan:
     """Bring etcd and the bundle to the desired state; returns the plan that was applied."""
     config = desired.bundle
-    with bundle.locked(config, desired.etcd.timeout):
+    # Another run on this host may be in its reload (reload_timeout) and its etcd writes.
+    with bundle.locked(config, config.reload_timeout + desired.etcd.timeout):
         for _attempt in range(MAX_ATTEMPTS):
             current = observe_and_plan(desired, store, at, allow_removals, not run_reload)
             if current.refusals:
@@ -172,7 +182,7 @@ def _reload(config: BundleConfig) -> None:
 
 def reload_done(desired: DesiredState) -> bool:
     """The caller restarted kube-apiserver: clear the owed reload. True if one was owed."""
-    with bundle.locked(desired.bundle, desired.etcd.timeout):
+    with bundle.locked(desired.bundle, desired.bundle.reload_timeout + desired.etcd.timeout):
         owed = bundle.observe(desired.bundle).reload_pending
         bundle.clear_reload_pending(desired.bundle)
     return owed
@@ -195,8 +205,17 @@ def write_status(desired: DesiredState, store: EtcdStore, current: Plan, at: dat
 
 
 def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
-    """Run the reload argv with a time limit; any failure raises ReloadFailed."""
-    shown = " ".join(argv)
+    """Run the reload argv with a time limit; any failure raises ReloadFailed.
+
+    Returns or raises within ``timeout`` plus about a second, whatever the
+    command does: its output is read as it comes, keeping only the last
+    ``RELOAD_OUTPUT_TAIL`` bytes (a reload that prints gigabytes costs no
+    memory), and a child that daemonises while holding stdout open is not
+    waited for: once the command itself has exited, its output is drained for
+    ``RELOAD_DRAIN_GRACE`` at most, then the pipe is closed. On timeout the
+    command's process group is killed.
+    """
+    shown = for_terminal(" ".join(argv))
     try:
         proc = subprocess.Popen(
             argv,
@@ -207,20 +226,61 @@ def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
         )
     except OSError as exc:
         raise ReloadFailed(f"reload command {shown!r} could not start: {exc.strerror}") from None
+    assert proc.stdout is not None
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        tail, exited = _output_tail(proc, proc.stdout.fileno(), time.monotonic() + timeout)
+    finally:
+        proc.stdout.close()
+    if not exited:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
         raise ReloadFailed(
             f"reload command {shown!r} timed out after {timeout:g}s; it will be retried"
-        ) from None
+        )
     if proc.returncode != 0:
-        tail = output.decode("utf-8", "replace").strip().splitlines()[-3:]
-        detail = f": {' / '.join(tail)}" if tail else ""
+        detail = _last_lines(tail)
         raise ReloadFailed(
             f"reload command {shown!r} exited {proc.returncode}{detail}; it will be retried"
         )
+
+
+def _output_tail(proc: subprocess.Popen[bytes], fd: int, deadline: float) -> tuple[bytes, bool]:
+    """The last bytes ``proc`` wrote, and whether it exited before ``deadline``."""
+    tail = b""
+    eof = False
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and (eof or now >= exited_at + RELOAD_DRAIN_GRACE):
+                return tail, True
+            if exited_at is None and now >= deadline:
+                return tail, False
+            until = deadline if exited_at is None else exited_at + RELOAD_DRAIN_GRACE
+            if eof:
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, until - now))
+                continue
+            # A short wait, so an exit is noticed while a daemon keeps the pipe open.
+            if selector.select(timeout=min(0.05, max(0.0, until - now))):
+                chunk = os.read(fd, 65536)
+                eof = not chunk
+                tail = (tail + chunk)[-RELOAD_OUTPUT_TAIL:]
+
+
+def _last_lines(tail: bytes) -> str:
+    """The end of the reload's output for the error message: three lines, escaped."""
+    # Split at LF only: a CR or other control character inside a line is shown escaped.
+    lines = [line for line in tail.decode("utf-8", "replace").split("\n") if line.strip()]
+    if len(tail) == RELOAD_OUTPUT_TAIL and len(lines) > 1:
+        lines = lines[1:]  # cut mid-line by the cap
+    shown = [for_terminal(line.strip()) for line in lines[-3:]]
+    return f": {' / '.join(shown)}" if shown else ""
 
 
 @dataclass(frozen=True)
@@ -281,7 +341,7 @@ def publish(
         )
     anchors = local_facts(desired).anchors
     if desired.trust_anchors and key.kid not in desired.trusted:
-        verdict = verify_any(anchors, key.certificate_pem, intermediates, host, at)
+        verdict = certify(anchors, key, intermediates, host, at)
         if not verdict.trusted:
             raise SakeystateError(
                 f"refusing to publish {key.kid} for {host}: no trust anchor certifies it "

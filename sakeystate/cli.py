@@ -57,8 +57,33 @@ def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
     from sakeystate.apply import local_facts, observe
     from sakeystate.plan import plan
 
-    observed, found = observe(desired, getattr(args, "observed", None))
-    return plan(desired, observed, found, _at(args.at), args.allow_removals, local_facts(desired))
+    snapshot_path = getattr(args, "observed", None)
+    observed, found = observe(desired, snapshot_path)
+    local = None
+    if snapshot_path:
+        from sakeystate.snapshot import load_local
+
+        local = load_local(snapshot_path)
+    if local is None:
+        local = local_facts(desired)
+    return plan(desired, observed, found, _at(args.at), args.allow_removals, local)
+
+
+_PRIORITY = {"error": "<3>", "warning": "<4>", "notice": "<5>"}
+
+
+def say(kind: str, text: str) -> None:
+    """One line on stderr: ``sakeystate: <kind>: <text>``, escaped for a terminal.
+
+    Under systemd (JOURNAL_STREAM set) the line starts with its syslog priority, so
+    journald shows warnings and errors at their level.
+    """
+    import os
+
+    from sakeystate.escape import for_terminal
+
+    prefix = _PRIORITY.get(kind, "<6>") if os.environ.get("JOURNAL_STREAM") else ""
+    print(f"{prefix}sakeystate: {kind}: {for_terminal(text)}", file=sys.stderr)
 
 
 def _json(**fields: Any) -> None:
@@ -76,10 +101,11 @@ def _report(plan: Plan, args: argparse.Namespace, verb: str, **fields: Any) -> N
     sys.stdout.write(render(plan, args.format, verb, quiet, **fields))
     if args.format != "markdown" and not quiet:
         for warning in plan.warnings:
-            print(f"sakeystate: warning: {warning}", file=sys.stderr)
+            say("warning", f"{warning}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from sakeystate.escape import for_terminal
     from sakeystate.state import load_state
 
     results = []
@@ -89,11 +115,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         except StateError as exc:
             results.append({"file": path, "valid": False, "errors": exc.problems})
             for problem in exc.problems:
-                print(problem, file=sys.stderr)
+                print(for_terminal(problem), file=sys.stderr)
             continue
         results.append({"file": path, "valid": True, "warnings": list(desired.warnings)})
         for warning in desired.warnings:
-            print(f"sakeystate: warning: {path}: {warning}", file=sys.stderr)
+            say("warning", f"{path}: {warning}")
         if not args.quiet and args.format == "text":
             print(
                 f"{path}: valid ({desired.cluster}: {len(desired.trusted)} trusted, "
@@ -111,7 +137,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _report(current, args, "Plan")
     if current.refusals:
         for refusal in current.refusals:
-            print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
+            say("error", f"converge would be refused: {refusal}")
         return EXIT_ERROR
     if args.detailed_exitcode and current.changed:
         return EXIT_CHANGES
@@ -151,22 +177,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         current = _observe_plan(args, _load(args))
         for warning in current.warnings:
-            print(f"sakeystate: warning: {warning}", file=sys.stderr)
+            say("warning", f"{warning}")
     except Exception as exc:
         if isinstance(exc, SakeystateError):
             _print_error(exc)
         else:
-            print(f"sakeystate: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(
-            "sakeystate: check failed; exiting 0 so that the guarded converge runs and "
-            "reports the failure",
-            file=sys.stderr,
+            say("error", f"unexpected {type(exc).__name__}: {exc}")
+        say(
+            "error",
+            "check failed; exiting 0 so that the guarded converge runs and reports the failure",
         )
         if args.format == "json":
             _json(in_sync=False, changed=None, errors=[str(exc)])
         return CHECK_DRIFT
     for refusal in current.refusals:
-        print(f"sakeystate: converge would be refused: {refusal}", file=sys.stderr)
+        say("error", f"converge would be refused: {refusal}")
     drift = bool(current.refusals) or current.changed
     if args.format == "json":
         from sakeystate.report import as_dict
@@ -214,13 +239,15 @@ def cmd_reload_done(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from sakeystate import bundle, snapshot
+    from sakeystate.apply import local_facts
     from sakeystate.etcd import EtcdStore
 
     desired = _load(args)
     with EtcdStore(desired.etcd) as store:
         observed = store.read(desired.etcd.prefix)
     found = bundle.observe(desired.bundle)
-    sys.stdout.write(snapshot.to_json(observed, desired.cluster, _at(args.at), found))
+    local = local_facts(desired)
+    sys.stdout.write(snapshot.to_json(observed, desired.cluster, _at(args.at), found, local))
     return EXIT_OK
 
 
@@ -244,8 +271,11 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         )
     )
     for warning in result.warnings:
-        print(f"sakeystate: warning: {warning}", file=sys.stderr)
-    if args.output == "-":
+        say("warning", f"{warning}")
+    if args.format == "json":
+        pinned = [k.kid for k in result.keys if k.trusted]
+        _json(state=result.text, trusted=pinned, warnings=list(result.warnings))
+    elif args.output == "-":
         sys.stdout.write(result.text)
     else:
         trusted = sum(1 for k in result.keys if k.trusted)
@@ -351,20 +381,17 @@ def _wait_timed_out(
     }
     if args.format == "json":
         _json(reached=False, kid=kid, lagging=[{"host": h, "record": a} for h, a in ages.items()])
-    print(
-        f"sakeystate: error: timed out waiting until {goal} {kid}; lagging: "
-        + "; ".join(f"{h} ({a})" for h, a in ages.items()),
-        file=sys.stderr,
-    )
+    lagging_text = "; ".join(f"{h} ({a})" for h, a in ages.items())
+    say("error", f"timed out waiting until {goal} {kid}; lagging: {lagging_text}")
     return EXIT_ERROR
 
 
 def _print_error(exc: SakeystateError) -> None:
     if isinstance(exc, StateError):
         for problem in exc.problems:
-            print(f"sakeystate: error: {problem}", file=sys.stderr)
+            say("error", f"{problem}")
     else:
-        print(f"sakeystate: error: {exc}", file=sys.stderr)
+        say("error", f"{exc}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -624,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="-", metavar="FILE", help="write the state here (default stdout)"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    p.add_argument(
+        "--anchor-ca",
+        metavar="FILE",
+        help="add a trust anchor for this cluster CA file over the adopted keys' hosts",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--at", metavar="RFC3339", help="evaluate certificate dates at this moment")
     p.set_defaults(func=cmd_adopt)
 
@@ -649,14 +682,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(exc)
         return failed
     except KeyboardInterrupt:
-        print("sakeystate: interrupted", file=sys.stderr)
+        say("error", "interrupted")
         return failed if args.command == "check" else 130
     except Exception as exc:
         # Never a traceback (the report would be the only output a person reads), and
         # never an exit status that a caller reads as success or "in sync".
-        print(
-            f"sakeystate: error: internal error ({type(exc).__name__}: {exc}); please report it",
-            file=sys.stderr,
-        )
+        say("error", f"internal error ({type(exc).__name__}: {exc}); please report it")
         return failed
     return code

@@ -49,6 +49,9 @@ PAGE_SIZE = 2000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # etcd's default --max-txn-ops.
 MAX_TXN_OPS = 128
+# etcd's default --max-request-bytes is 1.5 MiB; a transaction's keys and values
+# stay under this, leaving room for the compares and the request's framing.
+MAX_TXN_BYTES = 1024 * 1024
 _RETRY_ON_NEXT_ENDPOINT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Pause between rounds over all endpoints when none of them could answer.
 RETRY_PAUSE = 0.1
@@ -74,10 +77,19 @@ class _Endpoint:
 
 
 def _parse_endpoint(url: str) -> _Endpoint:
+    """``http(s)://host:port``; an IPv6 address keeps its brackets in the gRPC target."""
+    shape = f"etcd endpoint {url!r} is not http(s)://host:port"
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
-        raise EtcdError(f"etcd endpoint {url!r} is not http(s)://host:port")
-    return _Endpoint(url.rstrip("/"), parts.hostname, parts.port, parts.scheme == "https")
+    try:
+        port = parts.port  # raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise EtcdError(f"{shape}: the port is not a number from 1 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port:
+        raise EtcdError(shape)
+    if parts.username is not None or parts.password is not None:
+        raise EtcdError(f"{shape}: credentials go in etcd.auth, never in the URL")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return _Endpoint(url.rstrip("/"), host, port, parts.scheme == "https")
 
 
 class EtcdStore:
@@ -300,22 +312,39 @@ def _request_op(op: EtcdOp) -> Any:
     return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key.encode()))
 
 
+def _request_bytes(guards: Iterable[Guard], writes: Iterable[EtcdOp]) -> int:
+    """What a transaction's keys and values add to its request size."""
+    size = sum(len(g.key.encode()) for g in guards)
+    for op in writes:
+        size += len(op.key.encode()) + (len(op.value) if isinstance(op, Put) else 0)
+    return size
+
+
 def batches(
     items: list[tuple[tuple[Guard, ...], tuple[EtcdOp, ...]]],
 ) -> list[tuple[list[Guard], list[EtcdOp]]]:
-    """Pack guarded writes into transactions within etcd's operation limit."""
+    """Pack guarded writes into transactions within etcd's operation and size limits.
+
+    An item (one action's guards and writes) is never split: its writes are
+    guarded together. One item larger than the limits alone gets a transaction
+    of its own, which etcd may then refuse with a clear error.
+    """
     out: list[tuple[list[Guard], list[EtcdOp]]] = []
     guards: list[Guard] = []
     writes: list[EtcdOp] = []
+    size = 0
     for item_guards, item_writes in items:
-        if guards and (
+        item_size = _request_bytes(item_guards, item_writes)
+        if (guards or writes) and (
             len(guards) + len(item_guards) > MAX_TXN_OPS
             or len(writes) + len(item_writes) > MAX_TXN_OPS
+            or size + item_size > MAX_TXN_BYTES
         ):
             out.append((guards, writes))
-            guards, writes = [], []
+            guards, writes, size = [], [], 0
         guards += item_guards
         writes += item_writes
+        size += item_size
     if guards or writes:
         out.append((guards, writes))
     return out

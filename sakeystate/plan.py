@@ -393,15 +393,23 @@ def _decide_trust(work: _Work, local: LocalFacts) -> None:
 
 
 def _anchor_verdict(work: _Work, key: _Key, local: LocalFacts) -> Verdict:
-    """The anchors' verdict as of ``at``, moved into the leaf's validity: the verifier
-    takes min(at, notAfter) itself, and a same-key renewal whose notBefore is seconds
-    ahead of this host's clock must not drop the key (certificate dates never do)."""
-    at = work.at
-    if key.info.not_before is not None and key.info.not_before > at:
-        at = key.info.not_before
-    return verify_any(
-        local.anchors, key.info.certificate_pem, key.intermediates, key.value_host, at
-    )
+    return certify(local.anchors, key.info, key.intermediates, key.value_host, work.at)
+
+
+def certify(
+    anchors: tuple[Anchor, ...],
+    info: KeyInfo,
+    intermediates: tuple[bytes, ...],
+    host: str | None,
+    at: datetime,
+) -> Verdict:
+    """The anchors' verdict on a key's certificate as of ``at``, moved into the leaf's
+    validity: the verifier takes min(at, notAfter) itself, and a same-key renewal whose
+    notBefore is seconds ahead of this host's clock must not drop the key (certificate
+    dates never do)."""
+    if info.not_before is not None and info.not_before > at:
+        at = info.not_before
+    return verify_any(anchors, info.certificate_pem, intermediates, host, at)
 
 
 def _kept_from_bundle(work: _Work, key: _Key) -> str | None:
@@ -860,11 +868,11 @@ def plan(
     if drift and not write_bundle:
         actions.append(Action("bundle", "permissions", drift))
     actions += _etcd_actions(work)
-    if desired.bundle.reload or reload_by_caller:
-        if key_set_changed:
-            actions.append(Action("reload", "run", "bundle key set changed"))
-        elif bundle.reload_pending:
-            actions.append(Action("reload", "run", "an earlier reload is still owed"))
+    if key_set_changed and (desired.bundle.reload or reload_by_caller):
+        actions.append(Action("reload", "run", "bundle key set changed"))
+    elif bundle.reload_pending:
+        # Owed until it ran or `reload-done` confirmed it, whoever restarts the apiserver.
+        actions.append(Action("reload", "run", "an earlier reload is still owed"))
 
     _missing_warnings(work)
     _own_key_warnings(work, local)

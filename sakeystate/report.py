@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from sakeystate.escape import for_markdown, for_markdown_code, for_terminal
 from sakeystate.keys import format_time
 from sakeystate.plan import Plan
 
@@ -40,23 +41,25 @@ def render_json(plan: Plan, changed: bool | None = None, errors: list[str] | Non
     return json.dumps(as_dict(plan, changed, errors), indent=2, sort_keys=False) + "\n"
 
 
-def summary(plan: Plan) -> str:
+def summary(plan: Plan, done: bool = False) -> str:
+    """One line in the tense of what happened: "would add" in a plan, "added" after."""
     counts = Counter((a.target, a.op) for a in plan.actions)
+    verb = (lambda past, _future: past) if done else (lambda _past, future: f"would {future}")
     parts = []
     if counts[("bundle", "add")]:
-        parts.append(f"{counts[('bundle', 'add')]} bundle key(s) to add")
+        parts.append(f"{verb('added', 'add')} {counts[('bundle', 'add')]} bundle key(s)")
     if counts[("bundle", "remove")]:
-        parts.append(f"{counts[('bundle', 'remove')]} to remove")
+        parts.append(f"{verb('removed', 'remove')} {counts[('bundle', 'remove')]}")
     if counts[("bundle", "write")]:
-        parts.append("bundle rewrite")
+        parts.append(f"{verb('rewrote', 'rewrite')} the bundle")
     if counts[("bundle", "permissions")]:
-        parts.append("bundle permissions")
+        parts.append(f"{verb('fixed', 'fix')} bundle permissions")
     etcd = sum(n for (target, _op), n in counts.items() if target == "etcd")
     if etcd:
         ops = Counter(a.op for a in plan.etcd_actions)
         parts.append("etcd: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items())))
     if plan.reload:
-        parts.append("reload")
+        parts.append(verb("reloaded", "reload"))
     if not parts:
         return (
             f"No changes: {len(plan.kids_after)} key(s) in the bundle, etcd and bundle "
@@ -66,45 +69,52 @@ def summary(plan: Plan) -> str:
 
 
 def render_text(plan: Plan, verb: str = "Plan", quiet: bool = False) -> str:
+    """One line per action, then the summary; every value from etcd or a file escaped."""
     if quiet and not plan.changed:
         return ""
     lines = []
     for action in plan.actions:
-        subject = action.kid or ""
-        where = action.host or action.key or ""
+        subject = for_terminal(action.kid or "")
+        where = for_terminal(action.host or action.key or "")
+        reason = for_terminal(action.reason)
         lines.append(
-            f"{action.target:<6} {action.op:<11} {subject:<43} {where:<28} {action.reason}".rstrip()
+            f"{action.target:<6} {action.op:<11} {subject:<43} {where:<28} {reason}".rstrip()
         )
-    lines.append(f"{verb} for {plan.cluster} at {format_time(plan.at)}: {summary(plan)}")
+    lines.append(
+        f"{verb} for {for_terminal(plan.cluster)} at {format_time(plan.at)}: "
+        f"{summary(plan, done=verb == 'Converged')}"
+    )
     return "\n".join(lines) + "\n"
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(plan: Plan) -> str:
-    out = [f"### sakeystate plan for `{plan.cluster}` at {format_time(plan.at)}", ""]
+    """The plan as a review comment: every interpolated value goes through ``for_markdown``.
+
+    Only this function writes markdown structure (headings, table pipes, line
+    breaks); a value can therefore neither add a line nor hide one.
+    """
+    cluster = for_markdown_code(plan.cluster)
+    out = [f"### sakeystate plan for {cluster} at {format_time(plan.at)}", ""]
     out.append(f"**{summary(plan)}**")
     out.append("")
     for refusal in plan.refusals:
-        out.append(f"> :no_entry: **Refused:** {_md(refusal)}")
+        out.append(f"> :no_entry: **Refused:** {for_markdown(refusal)}")
         out.append("")
     if plan.actions:
         out += ["| target | op | kid | host / key | reason |", "|---|---|---|---|---|"]
         for a in plan.actions:
-            kid = f"`{a.kid}`" if a.kid else ""
-            out.append(
-                f"| {a.target} | {a.op} | {kid} | {_md(a.host or a.key or '')} | {_md(a.reason)} |"
-            )
+            kid = for_markdown_code(a.kid) if a.kid else ""
+            where = for_markdown(a.host or a.key or "")
+            out.append(f"| {a.target} | {a.op} | {kid} | {where} | {for_markdown(a.reason)} |")
         out.append("")
     if plan.warnings:
         out.append("**Warnings**")
         out.append("")
-        out += [f"- {_md(w)}" for w in plan.warnings]
+        out += [f"- {for_markdown(w)}" for w in plan.warnings]
         out.append("")
     out.append(
-        f"Bundle `{plan.bundle_path}`: {len(plan.kids_before)} -> {len(plan.kids_after)} keys."
+        f"Bundle {for_markdown_code(plan.bundle_path)}: "
+        f"{len(plan.kids_before)} -> {len(plan.kids_after)} keys."
     )
     return "\n".join(out) + "\n"
 
@@ -141,12 +151,12 @@ def render_inspect(plan: Plan, fmt: str = "text") -> str:
     header = ("KID", "HOST", "NOT-AFTER", "STATUS", "BUNDLE", "WHY")
     rows = [header] + [
         (
-            k.kid or "-",
-            k.host or "-",
+            for_terminal(k.kid or "-"),
+            for_terminal(k.host or "-"),
             format_time(k.not_after) if k.not_after else "-",
             k.status,
             "yes" if k.in_bundle else "no",
-            k.reason,
+            for_terminal(k.reason),
         )
         for k in plan.keys
     ]

@@ -11,6 +11,7 @@ kube-apiserver allows. The token itself is a credential: it is never printed.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 
 from sakeystate.errors import SakeystateError
+from sakeystate.escape import for_terminal
 from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle, parse_value
 from sakeystate.model import BundleObservation, EtcdObservation
 from sakeystate.plan import BundledKey, Plan, jwk_of, plan
@@ -30,6 +32,10 @@ MAX_TOKEN_BYTES = 64 * 1024
 # kube-apiserver validates exp/nbf with go-jose's default leeway.
 LEEWAY = timedelta(minutes=1)
 _TIME_CLAIMS = (("iat", "issued at"), ("nbf", "not before"), ("exp", "expires"))
+# NumericDates beyond what datetime holds (year 9999's end, RFC 5280's "no expiry",
+# or 1e400 = inf) saturate to these instead of overflowing.
+LATEST = datetime.max.replace(tzinfo=UTC)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 class TokenError(SakeystateError):
@@ -93,7 +99,9 @@ def decode(raw: str) -> Token:
         header = jwt.get_unverified_header(raw)
         claims = jwt.decode(raw, options={"verify_signature": False})
     except jwt.PyJWTError as exc:
-        raise TokenError(f"not a JWT: {exc}") from None
+        raise TokenError(f"not a JWT: {for_terminal(str(exc))}") from None
+    except RecursionError:
+        raise TokenError("not a JWT: its JSON is nested too deeply") from None
     if not isinstance(claims, dict):
         raise TokenError("not a JWT: the claims are not a JSON object")
     return Token(raw, header, claims)
@@ -135,24 +143,36 @@ def check_signature(token: Token, key: KeyInfo | None, where: str) -> Check:
 
 
 def _moment(value: Any) -> datetime | None:
+    """A NumericDate as a datetime, saturated at the ends of datetime's range; None if not one."""
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and math.isnan(value):
         return None
     try:
         return datetime.fromtimestamp(value, UTC)
     except (OverflowError, OSError, ValueError):
-        return None
+        return LATEST if value > 0 else EARLIEST
+
+
+def _shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, saturated: the leeway must not overflow a saturated date."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return LATEST if delta > timedelta(0) else EARLIEST
 
 
 def check_times(claims: Mapping[str, Any], at: datetime) -> Check:
     """exp and nbf as kube-apiserver checks them; a token without exp never expires."""
     for name in ("exp", "nbf", "iat"):
         if name in claims and _moment(claims[name]) is None:
-            return Check(False, f"claim {name} is not a NumericDate: {claims[name]!r}")
+            shown = for_terminal(repr(claims[name])[:80])
+            return Check(False, f"claim {name} is not a NumericDate: {shown}")
     expires = _moment(claims.get("exp"))
     not_before = _moment(claims.get("nbf"))
-    if expires is not None and at >= expires + LEEWAY:
+    if expires is not None and at >= _shifted(expires, LEEWAY):
         return Check(False, f"expired {format_time(expires)} (checked at {format_time(at)})")
-    if not_before is not None and at + LEEWAY < not_before:
+    if not_before is not None and _shifted(at, LEEWAY) < not_before:
         return Check(False, f"not valid before {format_time(not_before)}")
     if expires is None:
         return Check(True, "no exp claim: the token never expires")
@@ -270,7 +290,7 @@ def render(result: Verification, fmt: str = "text") -> str:
         ("now", _verdict(result.now)),
         ("after plan", _verdict(result.after)),
     ]
-    lines = [f"{label + ':':<12}{value if value is not None else '-'}" for label, value in rows]
+    lines = [f"{label + ':':<12}{_shown(value)}" for label, value in rows]
     if result.ok:
         lines.append("token verifies now and after the pending plan")
     else:
@@ -279,6 +299,11 @@ def render(result: Verification, fmt: str = "text") -> str:
         ]
         lines.append(f"token does NOT verify {' and '.join(failing)}")
     return "\n".join(lines) + "\n"
+
+
+def _shown(value: Any) -> str:
+    """A claim or header as one escaped line: the token's author chose every byte of it."""
+    return "-" if value is None else for_terminal(str(value))
 
 
 def _verdict(check: Check) -> str:

@@ -316,7 +316,7 @@ def test_a_not_yet_valid_certificate_is_no_bad_input_trust_alone_decides(env: En
 def _tmpfs(size: str) -> Iterator[Path]:
     mountpoint = Path(tempfile.mkdtemp(prefix="sakeystate-tmpfs-"))
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mountpoint)],
         capture_output=True,
         check=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import sys
@@ -421,7 +422,7 @@ def test_two_converges_on_one_host_never_interleave(env: Env) -> None:
     from sakeystate import bundle
     from sakeystate.state import load_state
 
-    three_planes(env, etcd={"timeout": "1s"})
+    three_planes(env, etcd={"timeout": "1s"}, bundle={"reload_timeout": "1s"})
     desired = load_state(env.state_path)
     held = threading.Event()
     release = threading.Event()
@@ -440,7 +441,9 @@ def test_two_converges_on_one_host_never_interleave(env: Env) -> None:
         release.set()
         holder.join()
     assert blocked.code == 1
-    assert f"lock {env.bundle}.lock" in blocked.err
+    # It waited reload_timeout + etcd.timeout, and names the holder.
+    assert f"(PID {os.getpid()}) holds the lock {env.bundle}.lock" in blocked.err
+    assert "gave up after 2s" in blocked.err
     assert env.bundle_bytes() is None
     assert env.cli("converge", "--at", AT).code == 0
 
@@ -563,17 +566,28 @@ def test_reimaged_host_keeps_its_old_key_in_its_own_bundle_while_new_key_awaits_
     assert {k["kid"]: k["status"] for k in json.loads(after_review.out)["keys"]}[new] == "excluded"
 
 
-def test_plan_without_the_bundle_directory_plans_a_new_bundle_and_converge_refuses(
-    env: Env,
-) -> None:
-    kids = three_planes(env, bundle={"path": str(env.tmp / "missing" / "sa.pem")})
-    plan = env.cli("plan", "--at", AT, "--format", "json")
-    assert plan.code == 0, plan.err
-    assert sorted(json.loads(plan.out)["bundle"]["kids_after"]) == sorted(kids)
-    converge = env.cli("converge", "--at", AT)
-    assert converge.code == 1
-    assert f"bundle directory {env.tmp / 'missing'} does not exist" in converge.err
-    assert not (env.tmp / "missing").exists()
+def test_plan_predicts_the_failures_converge_would_hit_with_its_message(env: Env) -> None:
+    """Observation 8: plan, check and Ansible check mode said "clean change" where the run
+    then failed. A missing bundle directory, an unknown owner or an unreadable own_cert
+    is now a refusal of the plan, worded as converge's failure."""
+    for bundle_settings, expect in (
+        ({"path": str(env.tmp / "missing" / "sa.pem")}, f"{env.tmp / 'missing'} does not exist"),
+        ({"owner": "no-such-user-here"}, "'no-such-user-here' is not a user on this host"),
+        ({"group": "no-such-group-here"}, "'no-such-group-here' is not a group on this host"),
+    ):
+        kids = three_planes(env, bundle=bundle_settings)
+        plan = env.cli("plan", "--at", AT, "--format", "json")
+        assert plan.code == 1 and expect in plan.err, plan.err
+        assert sorted(json.loads(plan.out)["bundle"]["kids_after"]) == sorted(kids)
+        check = env.cli("check", "--at", AT)
+        assert check.code == 0 and expect in check.err
+        converge = env.cli("converge", "--at", AT)
+        assert converge.code == 1 and expect in converge.err
+    assert not (env.tmp / "missing").exists() and not env.bundle.exists()
+    three_planes(env, own_cert=str(env.tmp / "nowhere.pem"))
+    plan = env.cli("plan", "--at", AT)
+    assert plan.code == 1 and "cannot read own_cert" in plan.err
+    assert not env.bundle.exists()
 
 
 def test_warnings_go_to_stderr_and_reports_to_stdout(env: Env) -> None:
@@ -585,7 +599,7 @@ def test_warnings_go_to_stderr_and_reports_to_stdout(env: Env) -> None:
     as_json = env.cli("plan", "--at", AT, "--format", "json")
     assert any(stranger in w for w in json.loads(as_json.out)["warnings"])
     markdown = env.cli("plan", "--at", AT, "--format", "markdown")
-    assert f"untrusted key {stranger}" in markdown.out and markdown.err == ""
+    assert f"untrusted key {stranger}" in html.unescape(markdown.out) and markdown.err == ""
     assert env.cli("converge", "--at", AT).code == 0
     quiet = env.cli("converge", "--at", AT, "--quiet")
     assert (quiet.out, quiet.err) == ("", "")
