@@ -220,12 +220,6 @@ def test_publish_exec_publishes_once(env: Env) -> None:
     assert second.returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs plan/check to report the reload that converge --no-reload left owed "
-    "(plan.py reports bundle.reload_pending only when the state sets bundle.reload); "
-    "with bundle.reload set in the state this test passes",
-)
 def test_subscribed_service_restarts_once_per_key_set_change(env: Env) -> None:
     restarts, failing = env.tmp / "restarts", env.tmp / "restart-fails"
     keys = [private_key("ec256", 25 + i) for i in range(2)]

@@ -17,7 +17,7 @@ _shtab_sakeystate_status_option_strings=(-h --help --state --host --at --format 
 _shtab_sakeystate_wait_option_strings=(-h --help --state --host --format -q --quiet --kid --cert --absent --timeout)
 _shtab_sakeystate_snapshot_option_strings=(-h --help --state --host --at --format -q --quiet)
 _shtab_sakeystate_inspect_option_strings=(-h --help --state --host --at --format -q --quiet --observed)
-_shtab_sakeystate_adopt_option_strings=(-h --help --state --cluster --endpoint --prefix --timeout --ca-file --cert-file --key-file --username --password-file --from-bundle --bundle-path --no-etcd -o --output --force --at)
+_shtab_sakeystate_adopt_option_strings=(-h --help --state --cluster --endpoint --prefix --timeout --ca-file --cert-file --key-file --username --password-file --from-bundle --bundle-path --no-etcd -o --output --force --anchor-ca --format --at)
 _shtab_sakeystate_verify_token_option_strings=(-h --help --state --host --at --format -q --quiet --observed)
 _shtab_sakeystate_option_strings=(-h --help --version)
 
@@ -33,6 +33,7 @@ _shtab_sakeystate_status___format_choices=(text json)
 _shtab_sakeystate_wait___format_choices=(text json)
 _shtab_sakeystate_snapshot___format_choices=(json)
 _shtab_sakeystate_inspect___format_choices=(text json)
+_shtab_sakeystate_adopt___format_choices=(text json)
 _shtab_sakeystate_verify_token___format_choices=(text json)
 _shtab_sakeystate_pos_0_choices=(validate plan converge check publish reload-done status wait snapshot inspect adopt verify-token)
 
