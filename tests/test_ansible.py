@@ -475,6 +475,13 @@ def test_owed_restart_survives_abort_and_failed_handler_and_happens_once(fleet: 
     assert aborted.code == 2, aborted
     assert fleet.bundle(a).exists() and not fleet.bundle(b).exists()
     assert fleet.restarts == []  # the play ended before any handler ran
+    # Check mode reports the owed restart too (and restarts nothing).
+    checked = fleet.play("--check")
+    assert checked.code == 0, checked
+    assert statuses(checked.out, "Converge etcd and the service-account key bundle") == (
+        dict.fromkeys(HOSTS, "changed")
+    )
+    assert fleet.restarts == []
 
     fleet.fail_restart(b, True)
     failed = fleet.play()
