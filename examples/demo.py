@@ -1,13 +1,16 @@
-"""The sakeystate demo: three control planes, a reimage, and a token that keeps working.
+"""The sakeystate demo: three control planes, a reimage, and tokens that keep working.
 
-Starts a throwaway local etcd, creates three control planes' keys, publishes
-them, converges every control plane; then reimages one (new key), shows the
-plan (old key kept, new key waiting for review), trusts the new kid, converges
-again, and verifies that a token signed with the OLD key still validates
-against the bundle. Every control plane runs with the cluster's one reviewed
-state file (``host: self``, ``exclude_host: self``) and its own ``--host``.
-Everything runs through the real `sakeystate` command.
-Its etcd and temporary files are removed on exit, also on Ctrl-C.
+Starts a throwaway local etcd and a cfssl-style cluster PKI (a root, an
+intermediate, a P-521 service-account certificate per control plane with subject
+CN ``sa`` and no SAN, chained ``leaf + intermediate`` files). Every control plane
+runs the cluster's one reviewed state file (``host: self``, ``exclude_host:
+self``, a trust anchor for the cluster CA with ``common_name: sa``) with its own
+``--host``. They publish and converge; then one is reimaged (new key, new
+certificate): it publishes, ``status`` shows the peers lagging, each peer
+converges once with no edit to the state file, ``wait --cert`` returns, and
+tokens signed with the OLD key and with the NEW key verify on every control
+plane. Everything runs through the real `sakeystate` command. Its etcd and
+temporary files are removed on exit, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def run(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[s
 class ControlPlane:
     """One control plane's files: its signing key, certificate, bundle and state file."""
 
-    def __init__(self, root: Path, host: str) -> None:
-        self.host = host
+    def __init__(self, root: Path, host: str, ca: ClusterCa) -> None:
+        self.host, self.ca = host, ca
         self.dir = root / host.split(".")[0]
         self.dir.mkdir()
         self.bundle = self.dir / "kube-apiserver-sa-certs.pem"
@@ -73,21 +76,11 @@ class ControlPlane:
         self.reimage()
 
     def reimage(self) -> None:
-        """A fresh install: a new ECDSA P-521 key and certificate, as the PKI issues them."""
+        """A fresh install: a new P-521 key, and the PKI's service-account certificate for
+        it (subject CN ``sa``, no SAN), written with its intermediate as cfssl bundles it."""
         self.key = ec.generate_private_key(ec.SECP521R1())
-        now = datetime.now(UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.host)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=365))
-            .sign(self.key, hashes.SHA512())
-        )
-        (self.dir / "sa.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        leaf = self.ca.issue(self.key.public_key(), "sa")
+        (self.dir / "sa.pem").write_bytes(leaf + self.ca.intermediate_pem)
 
     @property
     def kid(self) -> str:
@@ -110,12 +103,71 @@ class ControlPlane:
         }
         return jwt.encode(claims, self.key, algorithm="ES512", headers={"kid": self.kid})
 
-    def deploy(self, etcd_url: str, trusted: list[tuple[str, str]]) -> None:
+    def deploy(self, etcd_url: str, ca_file: Path) -> None:
         """Install the cluster's one reviewed state file on this control plane."""
-        self.state.write_text(reviewed_state(etcd_url, trusted, self.dir))
+        self.state.write_text(reviewed_state(etcd_url, ca_file, self.dir))
 
 
-def reviewed_state(etcd_url: str, trusted: list[tuple[str, str]], root: Path) -> str:
+class ClusterCa:
+    """An offline root and the cluster's intermediate, as cfssl sets them up."""
+
+    def __init__(self) -> None:
+        self.root_key = ec.generate_private_key(ec.SECP384R1())
+        self.key = ec.generate_private_key(ec.SECP384R1())
+        root_name = _name("demo Root CA")
+        self.root = _sign(root_name, self.root_key.public_key(), root_name, self.root_key, None)
+        self.name = _name("demo wikikube intermediate")
+        self.intermediate = _sign(self.name, self.key.public_key(), root_name, self.root_key, 0)
+        self.intermediate_pem = self.intermediate.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, public_key: Any, cn: str) -> bytes:
+        cert = _sign(_name(cn), public_key, self.name, self.key, "leaf")
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def write_ca_file(self, path: Path) -> Path:
+        path.write_bytes(self.root.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _sign(
+    subject: x509.Name, public_key: Any, issuer: x509.Name, key: Any, path_length: int | str | None
+) -> Any:
+    """A certificate; ``path_length`` "leaf" for an end entity, else a CA's path length."""
+    ca = path_length != "leaf"
+    now = datetime.now(UTC)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=not ca,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650 if ca else 365))
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None),  # type: ignore[arg-type]
+            True,
+        )
+        .add_extension(usage, True)
+        .sign(key, hashes.SHA384())
+    )
+
+
+def reviewed_state(etcd_url: str, ca_file: Path, root: Path) -> str:
     """The cluster's state file: one document for every control plane.
 
     Nothing in it names a host: ``host: self`` is the ``--host`` each command is given
@@ -135,9 +187,11 @@ def reviewed_state(etcd_url: str, trusted: list[tuple[str, str]], root: Path) ->
         "cluster": "demo",
         "host": "self",
         "own_cert": str(root / "sa.pem"),
+        "fleet": list(HOSTS),
         "etcd": {
             "endpoints": [etcd_url],
             "prefix": "/kube-apiserver-sa-certs/",
+            "status_prefix": "/kube-apiserver-sa-status/",
             "timeout": "5s",
         },
         "bundle": {
@@ -146,7 +200,11 @@ def reviewed_state(etcd_url: str, trusted: list[tuple[str, str]], root: Path) ->
             "exclude_host": "self",
             "reload": reload,
         },
-        "trusted": [{"fingerprint": kid, "host": host} for kid, host in trusted],
+        # Keys the cluster CA certifies for these hosts as CN sa: no per-key review.
+        "trust_anchors": [
+            {"name": "demo-pki", "ca_file": str(ca_file), "hosts": list(HOSTS), "common_name": "sa"}
+        ],
+        "trusted": [],
         "retention": {
             "max_token_lifetime": "8760h",
             "superseded_grace": "8760h",
@@ -196,55 +254,55 @@ def main() -> int:
         etcd.start()
         print(f"etcd listening on {etcd.url}, data in {root}")
 
-        planes = [ControlPlane(root, host) for host in HOSTS]
-        trusted = [(p.kid, p.host) for p in planes]
+        say("A cfssl-style cluster PKI: root, intermediate, CN sa leaves, chained files")
+        ca = ClusterCa()
+        ca_file = ca.write_ca_file(root / "cluster-ca.pem")
+        planes = [ControlPlane(root, host, ca) for host in HOSTS]
         for plane in planes:
-            plane.deploy(etcd.url, trusted)
+            plane.deploy(etcd.url, ca_file)
+        print("the state file trusts the cluster CA (trust_anchors, common_name: sa); trusted: []")
 
         say("Each control plane publishes its own certificate (own_cert) under its kid")
         for plane in planes:
             run("publish", *plane.args())
 
-        say("Converge every control plane (the reviewed state trusts the three kids)")
+        say("Converge every control plane (the anchor certifies every key)")
         for plane in planes:
             run("converge", *plane.args())
         run("converge", *planes[1].args(), "--detailed-exitcode")
-        print("(second converge: nothing changed, no restart)")
+        print("(second converge: nothing changed, no restart, no etcd write)")
+        run("status", *planes[1].args())
 
         first = planes[0]
         old_token = first.sign_token("system:serviceaccount:kube-system:calico-node")
         print(f"\n{first.host} signed a token for calico-node with kid {first.kid}")
 
-        say(f"Reimage {first.host}: a new key is created and published")
+        say(f"Reimage {first.host}: a new key, a new certificate from the cluster CA, published")
         old_kid = first.kid
         first.reimage()
         run("publish", *first.args())
+        new_token = first.sign_token("system:serviceaccount:default:builder")
+        print(f"{first.host} now signs with kid {first.kid}")
 
-        say(f"Plan on {first.host} itself: its old key joins its own bundle; peers wait")
-        run("plan", *first.args(), "--detailed-exitcode", ok=(0, 2))
+        say("The fleet view: the peers do not verify the new key yet (exit 2)")
+        run("status", *planes[1].args(), ok=(2,))
+        say(f"The gate before pooling {first.host}: wait times out while peers lag")
+        run("wait", *first.args(), "--cert", str(first.dir / "sa.pem"), "--timeout", "1s", ok=(1,))
 
-        say("Plan on ctrl1002 before review: the old key stays, the new one waits for review")
-        run("plan", *planes[1].args(), "--detailed-exitcode", ok=(0, 2))
-
-        say("A reviewer adds the new kid to the state file; the plan shown in code review")
-        trusted.append((first.kid, first.host))
-        for plane in planes:
-            plane.deploy(etcd.url, trusted)
-        run("plan", *planes[1].args(), "--format", "markdown")
-
-        say("Converge every control plane again")
+        say("Each control plane converges once (its next Puppet run, or watch); nobody edits state")
         for plane in planes:
             run("converge", *plane.args())
+        run("wait", *first.args(), "--cert", str(first.dir / "sa.pem"), "--timeout", "30s")
+        run("status", *planes[1].args())
 
         say("Inspect the keys ctrl1002 sees")
         run("inspect", *planes[1].args())
 
-        say("The token signed with the OLD key before the reimage still verifies")
+        say("Tokens of the OLD key (before the reimage) and of the NEW key verify everywhere")
         for plane in planes:
             subject = verify(old_token, plane)
             print(f"{plane.host}: token with kid {old_kid} verifies (sub={subject})")
-        new_token = first.sign_token("system:serviceaccount:default:builder")
-        for plane in planes[1:]:
+        for plane in planes:
             print(
                 f"{plane.host}: token with new kid {first.kid} verifies "
                 f"(sub={verify(new_token, plane)})"

@@ -379,7 +379,7 @@ def _decide_trust(work: _Work, local: LocalFacts) -> None:
             key.trust = _kept_from_bundle(work, key)
         if key.trust is not None:
             key.status = "trusted"
-            key.reason = key.reason or "trusted"
+            key.reason = key.trust if key.in_etcd else f"{key.trust}; not published in etcd"
             continue
         key.status = "untrusted"
         anchor_says = f": {key.reason}" if key.reason else ""
@@ -555,6 +555,14 @@ def _exclude(work: _Work, local: LocalFacts) -> None:
             "this host signs with"
         )
     key = work.keys.get(kid)
+    if key is not None and key.host not in (None, host):
+        # own_cert holds another host's key (a file copied to the wrong host): leaving it
+        # out would make this apiserver reject that host's tokens.
+        work.warnings.append(
+            f"own_cert holds {kid}, which is {key.host}'s key, not {host}'s: it stays in "
+            "the bundle; fix own_cert"
+        )
+        return
     if key is not None and key.drop is None:
         work.excluded = kid
         key.status = "excluded"

@@ -141,6 +141,7 @@ def render_inspect(plan: Plan, fmt: str = "text") -> str:
                 {
                     "version": REPORT_VERSION,
                     "cluster": plan.cluster,
+                    "host": plan.host,
                     "at": format_time(plan.at),
                     "keys": [k.as_dict() for k in plan.keys],
                 },
@@ -148,7 +149,7 @@ def render_inspect(plan: Plan, fmt: str = "text") -> str:
             )
             + "\n"
         )
-    header = ("KID", "HOST", "NOT-AFTER", "STATUS", "BUNDLE", "WHY")
+    header = ("KID", "HOST", "NOT-AFTER", "STATUS", "IN-BUNDLE", "AFTER", "WHY")
     rows = [header] + [
         (
             for_terminal(k.kid or "-"),
@@ -156,6 +157,7 @@ def render_inspect(plan: Plan, fmt: str = "text") -> str:
             format_time(k.not_after) if k.not_after else "-",
             k.status,
             "yes" if k.in_bundle else "no",
+            "yes" if k.bundle_after else "no",
             for_terminal(k.reason),
         )
         for k in plan.keys

@@ -25,7 +25,7 @@ from sakeystate.errors import SakeystateError
 from sakeystate.escape import for_terminal
 from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle, parse_value
 from sakeystate.model import BundleObservation, EtcdObservation
-from sakeystate.plan import BundledKey, Plan, jwk_of, plan
+from sakeystate.plan import BundledKey, LocalFacts, Plan, jwk_of, plan
 from sakeystate.state import DesiredState
 
 MAX_TOKEN_BYTES = 64 * 1024
@@ -197,13 +197,14 @@ def verify(
     observed: EtcdObservation,
     found: BundleObservation,
     at: datetime,
+    local: LocalFacts | None = None,
 ) -> Verification:
     """Check ``token`` against the bundle on disk and the one the pending plan would write.
 
     The pending plan is computed as with ``--allow-removals``: a refused plan is
     still what the next reviewed converge would write.
     """
-    pending = plan(desired, observed, found, at, allow_removals=True)
+    pending = plan(desired, observed, found, at, allow_removals=True, local=local)
     kid = token.kid or ""
     on_disk, _problems = parse_pem_bundle(found.content or b"")
     now_keys = {k.kid: k for k in on_disk}
@@ -315,7 +316,7 @@ def verify_token(
 ) -> Verification:
     """Read, decode and check one token: the whole ``verify-token`` command."""
     token = decode(read_token(source, sys.stdin))
-    from sakeystate.apply import observe
+    from sakeystate.apply import local_facts, observe
 
     observed, found = observe(desired, snapshot_path)
-    return verify(token, desired, observed, found, at)
+    return verify(token, desired, observed, found, at, local_facts(desired))

@@ -455,10 +455,11 @@ def test_inspect_lists_every_key_with_status_and_why(env: Env) -> None:
     result = env.cli("inspect", "--at", AT)
     assert result.code == 0
     lines = result.out.splitlines()
-    assert lines[0].split()[:5] == ["KID", "HOST", "NOT-AFTER", "STATUS", "BUNDLE"]
+    assert lines[0].split() == ["KID", "HOST", "NOT-AFTER", "STATUS", "IN-BUNDLE", "AFTER", "WHY"]
     by_kid = {line.split()[0]: line for line in lines[1:]}
     for k in kids:
-        assert " trusted " in by_kid[k]
+        # Not in the bundle on disk yet; in it after the plan; pinned.
+        assert by_kid[k].split()[3:7] == ["trusted", "no", "yes", "pinned"]
     assert " untrusted " in by_kid[stranger]
     assert any("rejected" in line and "no PEM block" in line for line in lines)
 

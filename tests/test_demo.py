@@ -48,9 +48,16 @@ def test_demo_ends_with_the_old_token_verifying_and_removes_its_files() -> None:
     assert old_kid is not None
     for host in ("ctrl1001", "ctrl1002", "ctrl1003"):
         assert re.search(rf"{host}\S*: token with kid {re.escape(old_kid.group(1))} verifies", out)
-    assert "untrusted key" in out  # the reimaged key waits for review
-    # Its own host says so too (R3: own_cert is its current key, whatever etcd holds).
-    assert "this host's own key" in out and "its peers reject every token it signs" in out
+    new_kid = re.search(r"now signs with kid (\S+)", out)
+    assert new_kid is not None and new_kid.group(1) != old_kid.group(1)
+    for host in ("ctrl1001", "ctrl1002", "ctrl1003"):
+        assert re.search(
+            rf"{host}\S*: token with new kid {re.escape(new_kid.group(1))} verifies", out
+        )
+    # The gate: wait timed out while the peers lagged, then returned once they converged.
+    assert "timed out waiting until every fleet host verifies " + new_kid.group(1) in out
+    assert f"every fleet host verifies {new_kid.group(1)} (3 host(s))" in out
+    assert "3 item(s) need attention" in out and "trusted: []" in out
     assert "Demo complete: no token stopped validating." in out
     root = re.search(r"data in (\S+)", out)
     assert root is not None and not Path(root.group(1)).exists()

@@ -257,3 +257,23 @@ def test_9_a_host_whose_own_key_is_revoked_is_warned_on_every_run(env: Env) -> N
     for command in ("plan", "converge", "check"):
         result = env.cli(command, "--host", HOSTS[0], "--at", AT)
         assert f"this host's own key {leaves[0].kid} is revoked" in result.err, command
+
+
+def test_own_cert_copied_from_another_host_never_leaves_that_hosts_key_out(env: Env) -> None:
+    """A file copied to the wrong host: own_cert on ctrl1002 holds ctrl1001's certificate."""
+    pki = Pki()
+    leaves = [pki.sa() for _ in HOSTS]
+    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
+        publish(env, leaf.chained, fqdn, fqdn)
+    own = env.tmp / "sa.pem"
+    own.write_bytes(leaves[0].chained)
+    shared_state(
+        env,
+        [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)],
+        own_cert=str(own),
+    )
+    result = env.cli("converge", "--host", HOSTS[1], "--at", AT, "--format", "json")
+    assert result.code == 0, result.err
+    assert leaves[0].kid in json.loads(result.out)["bundle"]["kids_after"]
+    assert f"own_cert holds {leaves[0].kid}, which is {HOSTS[0]}'s key" in result.err
+    assert verifies_with_bundle(sign(leaves[0].key), env.bundle_bytes() or b"")
