@@ -41,7 +41,10 @@ import dataset  # bench/dataset.py: bench/ is sys.path[0] when run as a script
 import yaml
 
 from sakeystate.keys import kid_of
-from sakeystate.testing import EtcdServer, etcd_binary, etcdctl_binary
+
+# The throwaway etcd is a test helper (tests/etcd_server.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from etcd_server import EtcdServer, etcd_binary, etcdctl_binary
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"

@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from sakeystate.keys import format_time  # noqa: E402
-from sakeystate.testing import EtcdServer  # noqa: E402
 
+from etcd_server import EtcdServer  # noqa: E402
 from pki import Pki  # noqa: E402  (tests/pki.py: the cfssl-shaped PKI generator)
 from watch_support import overlapping, probe, reloads  # noqa: E402
 
@@ -130,7 +130,7 @@ class Bench:
 
     @staticmethod
     def etcd_ctl() -> str:
-        from sakeystate.testing import etcdctl_binary
+        from etcd_server import etcdctl_binary
 
         return etcdctl_binary()
 

@@ -32,7 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sakeystate.keys import kid_of, parse_pem_bundle
-from sakeystate.testing import EtcdServer
+
+# The throwaway etcd is a test helper (tests/etcd_server.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from etcd_server import EtcdServer
 
 HOSTS = ("ctrl1001.eqiad.example.org", "ctrl1002.eqiad.example.org", "ctrl1003.eqiad.example.org")
 SAKEYSTATE = str(Path(sys.executable).parent / "sakeystate")

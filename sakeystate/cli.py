@@ -342,9 +342,23 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_token(args: argparse.Namespace) -> int:
-    from sakeystate import tokens
+    import os
 
-    result = tokens.verify_token(args.token, _load(args), _at(args.at), args.observed)
+    from sakeystate import tokens
+    from sakeystate.files import read_capped
+
+    source = args.token
+    if source != "-" and os.path.isfile(source):
+        source = read_capped(source, tokens.MAX_TOKEN_BYTES, "token file").decode(
+            "utf-8", "replace"
+        )
+    elif source != "-":
+        say(
+            "warning",
+            "a token given on the command line lands in ps and shell history; "
+            "pass a file, or - to read stdin",
+        )
+    result = tokens.verify_token(source, _load(args), _at(args.at), args.observed)
     sys.stdout.write(tokens.render(result, args.format))
     return EXIT_OK if result.ok else EXIT_ERROR
 
@@ -761,7 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, observed="plan against a snapshot instead of etcd")
     p.add_argument(
-        "token", nargs="?", default="-", metavar="TOKEN", help="the JWT, or - for stdin (default)"
+        "token",
+        nargs="?",
+        default="-",
+        metavar="FILE",
+        help="a file holding the token, or - for stdin (default); a token itself works "
+        "but lands in ps and shell history",
     )
     p.set_defaults(func=cmd_verify_token)
     return parser

@@ -135,7 +135,10 @@ class Watcher:
         try:
             self._schedule("start", 0.0)
             while not self.stopping:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:
+                    self._survive(exc)
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
@@ -143,6 +146,15 @@ class Watcher:
             self.store.close()
         self._log({"event": "stopped"}, "stopped")
         return 0
+
+    def _survive(self, exc: Exception) -> None:
+        """An unexpected error (a bug, or a library's exception nobody mapped): reported,
+        the watch dropped, and the next pass retried with backoff, as for etcd errors."""
+        self._drop_watch()
+        text = f"internal error ({type(exc).__name__}: {exc}); retrying in {self.backoff:g}s"
+        self._log({"event": "error", "error": text}, text)
+        self._schedule("retry", self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _step(self) -> None:
         now = time.monotonic()

@@ -28,7 +28,8 @@ from cryptography.x509.oid import NameOID
 
 from sakeystate.cli import main as cli_main
 from sakeystate.keys import kid_of
-from sakeystate.testing import EtcdServer, etcd_binary, etcdctl_binary, free_port
+
+from etcd_server import EtcdServer, etcd_binary, etcdctl_binary, free_port
 
 __all__ = ["EtcdServer", "etcd_binary", "etcdctl_binary", "free_port"]
 
@@ -162,6 +163,7 @@ def state_data(
             "prefix": prefix,
             "timeout": "5s",
             "status_prefix": prefix.rstrip("/").rsplit("/", 1)[0] + "/kube-apiserver-sa-status/",
+            "reload_lock": prefix.rstrip("/").rsplit("/", 1)[0] + "/kube-apiserver-sa-reload-lock",
         },
         "bundle": {"path": str(bundle_path)},
         "trusted": entries,

@@ -31,9 +31,9 @@ from sakeystate.bundle import PENDING_SUFFIX
 from sakeystate.etcd import EtcdStore
 from sakeystate.keys import parse_pem_bundle
 from sakeystate.state import EtcdConfig
-from sakeystate.testing import EtcdServer, etcdctl_binary, free_port
 
 from conftest import Env
+from etcd_server import EtcdServer, etcdctl_binary, free_port
 from support import entry_value, kid, private_key, state_data, write_state
 
 pytestmark = pytest.mark.slow

@@ -105,7 +105,7 @@ def test_check_exit_status_follows_the_onlyif_contract(env: Env) -> None:
 
 
 def test_check_exits_0_with_the_error_when_etcd_is_unreachable(env: Env) -> None:
-    from sakeystate.testing import free_port
+    from etcd_server import free_port
 
     three_planes(env)
     env.state([], etcd={"endpoints": [f"http://127.0.0.1:{free_port()}"], "timeout": "1s"})
@@ -115,7 +115,7 @@ def test_check_exits_0_with_the_error_when_etcd_is_unreachable(env: Env) -> None
 
 
 def test_plan_detailed_exitcode_is_0_2_1(env: Env) -> None:
-    from sakeystate.testing import free_port
+    from etcd_server import free_port
 
     three_planes(env)
     assert env.cli("plan", "--at", AT, "--detailed-exitcode").code == 2
@@ -309,7 +309,7 @@ def test_max_removals_refusal_writes_nothing_unless_allowed(env: Env) -> None:
 
 
 def test_etcd_unreachable_writes_nothing_and_exits_1(env: Env) -> None:
-    from sakeystate.testing import free_port
+    from etcd_server import free_port
 
     three_planes(env)
     port = free_port()
@@ -617,7 +617,8 @@ def test_jwks_temporaries_a_killed_run_left_are_removed_too(env: Env) -> None:
 def test_the_endpoint_that_answered_is_asked_first_next_time(env: Env) -> None:
     from sakeystate.etcd import EtcdStore
     from sakeystate.state import EtcdConfig
-    from sakeystate.testing import free_port
+
+    from etcd_server import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     store = EtcdStore(EtcdConfig(endpoints=(dead, env.etcd.url), prefix=env.prefix, timeout=5))

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sakeystate.testing import free_port
-
 from conftest import Env
+from etcd_server import free_port
 from support import kid, private_key
 from watch_support import probe
 

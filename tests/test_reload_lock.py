@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sakeystate.bundle import PENDING_SUFFIX
-from sakeystate.testing import etcdctl_binary
 
 from conftest import Env
+from etcd_server import etcdctl_binary
 from support import private_key, state_data, write_state
 from watch_support import SAKEYSTATE, overlapping, probe, reloads
 

@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sakeystate.testing import EtcdServer, etcdctl_binary
-
+from etcd_server import EtcdServer, etcdctl_binary
 from support import T0, entry_value, kid, make_cert, private_key, run_cli, state_data, write_state
 
 PREFIX = "/tls/kube-apiserver-sa-certs/"

@@ -31,7 +31,10 @@ def cluster(env: Env) -> Env:
 
 
 def verify(env: Env, token: str, *args: str) -> tuple[int, str, str]:
-    result = env.cli("verify-token", "--at", AT, *args, token)
+    """verify-token with the token in a file, as an operator passes it."""
+    path = env.tmp / "token.jwt"
+    path.write_text(token)
+    result = env.cli("verify-token", "--at", AT, *args, str(path))
     return result.code, result.out, result.err
 
 
@@ -111,10 +114,12 @@ def test_unsigned_and_algorithm_swapped_tokens_never_verify(cluster: Env) -> Non
     ids=["word", "three-garbage-parts", "two-parts", "empty-bearer", "huge"],
 )
 def test_malformed_input_is_a_clear_error_without_traceback(cluster: Env, text: str) -> None:
-    result = cluster.cli("verify-token", "--at", AT, text)
+    path = cluster.tmp / "token.jwt"
+    path.write_text(text)
+    result = cluster.cli("verify-token", "--at", AT, str(path))
     assert result.code == 1
     assert result.err.startswith("sakeystate: error: ")
-    assert "not a JWT" in result.err or "no token given" in result.err
+    assert any(w in result.err for w in ("not a JWT", "no token given", "larger than"))
     assert "Traceback" not in result.err and result.out == ""
 
 
@@ -172,3 +177,28 @@ def test_missing_bundle_fails_now(env: Env) -> None:
     code, out, _err = verify(env, sign(private_key("ec256", 0)))
     assert code == 1
     assert f"the bundle {env.bundle} does not exist" in out and "after plan: ok" in out
+
+
+def test_token_is_read_from_a_file_or_stdin_and_argv_is_warned_about(cluster: Env) -> None:
+    """A token in argv lands in ps and shell history: a file or stdin is the default way."""
+    token = sign(private_key(KINDS["ES256"], 0))
+    path = cluster.tmp / "token"
+    path.write_text(token + "\n")
+    from_file = cluster.cli("verify-token", "--at", AT, str(path))
+    assert from_file.code == 0, from_file.err
+    assert "command line" not in from_file.err
+    in_argv = cluster.cli("verify-token", "--at", AT, token)
+    assert in_argv.code == 0 and "lands in ps and shell history" in in_argv.err
+
+
+def test_stderr_lines_carry_syslog_priorities_under_systemd(
+    cluster: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.publish(private_key("ec384", 7), "stranger.example.org")
+    plain = cluster.cli("plan", "--at", AT)
+    assert plain.err.startswith("sakeystate: warning: ")
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    journald = cluster.cli("plan", "--at", AT)
+    assert journald.err.startswith("<4>sakeystate: warning: ")
+    broken = cluster.cli("plan", "--at", "yesterday")
+    assert broken.err.startswith("<3>sakeystate: error: ")

@@ -41,10 +41,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sakeystate.bundle import PENDING_SUFFIX
 from sakeystate.etcd import PrefixWatch
 from sakeystate.state import load_state
-from sakeystate.testing import free_port
 from sakeystate.watch import Options, Watcher
 
 from conftest import Env
+from etcd_server import free_port
 from support import REPO, entry_value, kid, private_key, state_data, write_state
 from watch_support import WatchProcess, overlapping, pid_alive, probe, reloads, wait_for
 

