@@ -49,6 +49,10 @@ if not hasattr(etcd3.watch, "six"):
 # keys is exactly one range request.
 PAGE_SIZE = 2000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# What one read of a prefix may hold: 10,000 keys are ~15 MiB. Far more is an etcd
+# writer filling the prefix (700 values of 1.4 MiB made every converge time out);
+# it is refused at once with a clear error instead.
+MAX_READ_BYTES = 256 * 1024 * 1024
 # etcd's default --max-txn-ops.
 MAX_TXN_OPS = 128
 # etcd's default --max-request-bytes is 1.5 MiB; a transaction's keys and values
@@ -97,9 +101,12 @@ def _parse_endpoint(url: str) -> _Endpoint:
 class EtcdStore:
     """A session with one etcd cluster: read the prefix, apply guarded transactions."""
 
-    def __init__(self, config: EtcdConfig, page_size: int = PAGE_SIZE) -> None:
+    def __init__(
+        self, config: EtcdConfig, page_size: int = PAGE_SIZE, max_read: int = MAX_READ_BYTES
+    ) -> None:
         self.config = config
         self.page_size = page_size
+        self.max_read = max_read
         self.endpoints = [_parse_endpoint(url) for url in config.endpoints]
         self._clients: dict[str, Any] = {}
         self._password: str | None = None
@@ -233,6 +240,7 @@ class EtcdStore:
             revision = 0
             start = start_key
             limit = self.page_size
+            total = 0
             while True:
                 request = etcdrpc.RangeRequest(
                     key=start, range_end=end_key, limit=limit, revision=revision
@@ -246,6 +254,14 @@ class EtcdStore:
                     raise
                 if revision == 0:
                     revision = response.header.revision
+                total += sum(len(kv.key) + len(kv.value) for kv in response.kvs)
+                if total > self.max_read:
+                    raise EtcdError(
+                        f"etcd holds more than {self.max_read // (1024 * 1024)} MiB under "
+                        f"{prefix} ({len(entries) + len(response.kvs)} keys read so far); a "
+                        "value over 64 KiB is never a key: find them with `etcdctl get "
+                        "--prefix --keys-only` and delete them"
+                    )
                 for kv in response.kvs:
                     entries.append(
                         EtcdEntry(

@@ -314,3 +314,25 @@ def test_re_dating_a_hosts_current_key_in_etcd_never_supersedes_it(env: Env) -> 
     assert any("when this host first saw the key" in w for w in report["warnings"])
     assert env.cli("converge", "--at", AT).code == 0
     assert env.bundle_bytes() == before and env.prefix + kid(current) in env.dump()
+
+
+def test_finding_15_a_prefix_filled_with_huge_values_is_refused_at_once(env: Env) -> None:
+    """700 values of 1.4 MiB made every converge time out; a read past the cap is a clear
+    error naming the prefix (the cap is lowered here so that the test stays small)."""
+    from sakeystate.errors import EtcdError
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.state import load_state
+
+    env.state([env.publish(private_key("ec256", 90), A)])
+    for number in range(3):
+        env.etcd.put(f"{env.prefix}huge{number}.example.org", b"x" * (1024 * 1024))
+    desired = load_state(env.state_path)
+    with EtcdStore(desired.etcd, max_read=2 * 1024 * 1024) as store:
+        try:
+            store.read(desired.etcd.prefix)
+        except EtcdError as exc:
+            assert f"more than 2 MiB under {desired.etcd.prefix}" in str(exc)
+        else:
+            raise AssertionError("the read was not refused")
+    result = env.cli("converge")  # under the default cap: the huge values are reported
+    assert result.code == 0 and "over the 65536-byte limit" in result.err, result.err
