@@ -18,7 +18,7 @@ from jwt_support import sign, verifies_with_bundle
 from sakeystate.keys import format_time
 
 from conftest import Env
-from pki import Pki, host
+from pki import Leaf, Pki, host
 from support import T0, run_cli
 
 AT = format_time(T0)
@@ -41,6 +41,20 @@ def publish(env: Env, leaf_pem: bytes, fqdn: str, name: str) -> str:
     return result.out
 
 
+def published_fleet(env: Env) -> tuple[Pki, list[Leaf]]:
+    """A cluster PKI and one CN-sa leaf per host, each published by `sakeystate publish`."""
+    pki = Pki()
+    leaves = [pki.sa() for _ in HOSTS]
+    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
+        publish(env, leaf.chained, fqdn, fqdn)
+    return pki, leaves
+
+
+def pinned(leaves: list[Leaf]) -> list[tuple[str, str]]:
+    """The trusted entries that pin each leaf to its host."""
+    return [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)]
+
+
 def kids_of(env: Env, bundle: Path | None = None) -> list[str]:
     from sakeystate.keys import parse_pem_bundle
 
@@ -53,7 +67,7 @@ def test_1_chained_legacy_entry_migrates_with_its_leaf_and_adopt_offers_no_ca_ke
     leaves = [pki.sa() for _ in HOSTS]
     for leaf, fqdn in zip(leaves, HOSTS, strict=True):
         env.etcd.put(env.prefix + fqdn, leaf.chained)  # the old publisher's FQDN layout
-    shared_state(env, [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)])
+    shared_state(env, pinned(leaves))
     result = env.cli("converge", "--host", HOSTS[1], "--at", AT, "--format", "json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
@@ -78,11 +92,8 @@ def test_1_chained_legacy_entry_migrates_with_its_leaf_and_adopt_offers_no_ca_ke
 
 
 def test_2_converge_at_a_future_date_is_refused_and_deletes_nothing(env: Env) -> None:
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
-    shared_state(env, [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)])
+    _pki, leaves = published_fleet(env)
+    shared_state(env, pinned(leaves))
     before = env.dump()
     for argv in (
         ["converge", "--state", str(env.state_path), "--at", "2027-12-01T00:00:00Z"],
@@ -113,12 +124,9 @@ def test_2_converge_at_a_future_date_is_refused_and_deletes_nothing(env: Env) ->
 
 
 def test_4_exclude_host_naming_another_host_is_an_error_naming_both(env: Env) -> None:
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
+    _pki, leaves = published_fleet(env)
     env.state(
-        [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)],
+        pinned(leaves),
         bundle={"exclude_host": HOSTS[0]},
     )
     for command in ("plan", "converge", "inspect"):
@@ -131,11 +139,8 @@ def test_4_exclude_host_naming_another_host_is_an_error_naming_both(env: Env) ->
 
 
 def test_5_a_typo_in_a_trusted_kid_is_refused_and_suggested(env: Env) -> None:
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
-    trusted = [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)]
+    _pki, leaves = published_fleet(env)
+    trusted = pinned(leaves)
     shared_state(env, trusted)
     assert env.cli("converge", "--host", HOSTS[1], "--at", AT).code == 0
     before = env.bundle_bytes()
@@ -194,14 +199,11 @@ def test_6_publish_host_rules_chained_files_ca_and_revoked(env: Env) -> None:
 
 
 def test_7_an_untrusted_junk_key_never_becomes_a_hosts_current_key(env: Env) -> None:
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
+    pki, leaves = published_fleet(env)
     reloads = env.tmp / "reloads.log"
     shared_state(
         env,
-        [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)],
+        pinned(leaves),
         bundle={"reload": ["sh", "-c", f"echo reload >> {reloads}"]},
     )
     assert env.cli("converge", "--host", HOSTS[0], "--at", AT).code == 0
@@ -230,7 +232,7 @@ def test_8_inspect_shows_the_bundle_on_disk_and_after_the_plan(env: Env) -> None
     leaves = [pki.sa() for _ in HOSTS]
     for leaf, fqdn in zip(leaves[:2], HOSTS[:2], strict=True):
         publish(env, leaf.chained, fqdn, fqdn)
-    trusted = [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)]
+    trusted = pinned(leaves)
     shared_state(env, trusted)
     assert env.cli("converge", "--host", HOSTS[2], "--at", AT).code == 0
     publish(env, leaves[2].chained, HOSTS[2], HOSTS[2])
@@ -241,10 +243,7 @@ def test_8_inspect_shows_the_bundle_on_disk_and_after_the_plan(env: Env) -> None
 
 
 def test_9_a_host_whose_own_key_is_revoked_is_warned_on_every_run(env: Env) -> None:
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
+    _pki, leaves = published_fleet(env)
     own = env.tmp / "sa.pem"
     own.write_bytes(leaves[0].chained)
     shared_state(
@@ -261,15 +260,12 @@ def test_9_a_host_whose_own_key_is_revoked_is_warned_on_every_run(env: Env) -> N
 
 def test_own_cert_copied_from_another_host_never_leaves_that_hosts_key_out(env: Env) -> None:
     """A file copied to the wrong host: own_cert on ctrl1002 holds ctrl1001's certificate."""
-    pki = Pki()
-    leaves = [pki.sa() for _ in HOSTS]
-    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
-        publish(env, leaf.chained, fqdn, fqdn)
+    _pki, leaves = published_fleet(env)
     own = env.tmp / "sa.pem"
     own.write_bytes(leaves[0].chained)
     shared_state(
         env,
-        [(leaf.kid, fqdn) for leaf, fqdn in zip(leaves, HOSTS, strict=True)],
+        pinned(leaves),
         own_cert=str(own),
     )
     result = env.cli("converge", "--host", HOSTS[1], "--at", AT, "--format", "json")
