@@ -10,6 +10,7 @@ accept no exception but KeyRejected.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
@@ -120,6 +121,8 @@ def test_gost_certificate_from_openssl_is_rejected_when_openssl_can_make_one() -
     """A real GOST key, when this openssl has the engine; else the patched OIDs cover it."""
     openssl = shutil.which("openssl")
     if openssl is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is not installed; CI checks values with the real openssl")
         pytest.skip("openssl is not installed")
     made = subprocess.run(
         [openssl, "genpkey", "-algorithm", "gost2012_256", "-pkeyopt", "paramset:A"],
