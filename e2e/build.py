@@ -11,14 +11,17 @@ it and replaces each staging module with the same release's published version
 
 The cache is keyed by component, version and Go version
 (``$SAKEYSTATE_E2E_CACHE``, default ``~/.cache/sakeystate-e2e``); a binary already there
-is reused. Prints the binary's path on stdout and the build time on stderr.
+is reused. Prints the binary's path on stdout, and on stderr the build time (or, when
+cached, what its cold build took).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,7 +70,7 @@ def _staging_replaces(gomod: str, staging_version: str) -> list[str]:
 
 
 def build_kube_apiserver(version: str, out: Path, work: Path) -> None:
-    major, minor, patch = version.lstrip("v").split(".")
+    _major, minor, patch = version.lstrip("v").split(".")
     staging = f"v0.{minor}.{patch}"
     (work / "go.mod").write_text("module sakeystate.invalid/e2e-kube\n\ngo 1.26.0\n")
     gomod = _module_gomod("k8s.io/kubernetes", version, work)
@@ -80,7 +83,7 @@ def build_kube_apiserver(version: str, out: Path, work: Path) -> None:
         "replace (\n" + "\n".join(replaces) + "\n)\n"
     )
     (work / "tools.go").write_text(
-        "//go:build tools\n\npackage tools\n\nimport _ \"k8s.io/kubernetes/cmd/kube-apiserver\"\n"
+        '//go:build tools\n\npackage tools\n\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
     )
     _go(["mod", "tidy"], work)
     _go(["build", "-trimpath", "-o", str(out), "k8s.io/kubernetes/cmd/kube-apiserver"], work)
@@ -89,10 +92,10 @@ def build_kube_apiserver(version: str, out: Path, work: Path) -> None:
 def build_etcd(version: str, out: Path, work: Path) -> None:
     (work / "go.mod").write_text("module sakeystate.invalid/e2e-etcd\n\ngo 1.26.0\n")
     (work / "tools.go").write_text(
-        "//go:build tools\n\npackage tools\n\nimport _ \"go.etcd.io/etcd/server/v3/etcdmain\"\n"
+        '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3/etcdmain"\n'
     )
     (work / "main.go").write_text(
-        "package main\n\nimport (\n\t\"os\"\n\n\t\"go.etcd.io/etcd/server/v3/etcdmain\"\n)\n\n"
+        'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
         "func main() { etcdmain.Main(os.Args) }\n"
     )
     _go(["get", f"go.etcd.io/etcd/server/v3@{version}"], work)
@@ -104,28 +107,65 @@ BUILDERS = {"kube-apiserver": build_kube_apiserver, "etcd": build_etcd}
 
 
 def ensure(component: str, version: str) -> Path:
-    """The cached binary, built first when missing."""
+    """The cached binary, built first when missing.
+
+    One build per cache entry at a time (a lock beside it: a second caller waits and
+    then reuses the first one's binary). The build's time is kept beside the binary
+    (``build.json``), so that a warm run can still report what the cold build cost.
+    """
     target = cache_root() / f"{component}-{version}-{go_version()}" / component
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
-        partial = Path(tmp) / component
-        BUILDERS[component](version, partial, Path(tmp))
-        os.replace(partial, target)
-    print(
-        f"e2e/build.py: built {component} {version} in {time.monotonic() - started:.0f} s",
-        file=sys.stderr,
-    )
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
+            partial = Path(tmp) / component
+            BUILDERS[component](version, partial, Path(tmp))
+            os.replace(partial, target)
+        seconds = time.monotonic() - started
+        record = {
+            "component": component,
+            "version": version,
+            "go": go_version(),
+            "seconds": round(seconds, 1),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nproc": os.cpu_count(),
+        }
+        (target.parent / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"e2e/build.py: built {component} {version} in {seconds:.0f} s", file=sys.stderr)
     return target
+
+
+def build_record(target: Path) -> dict[str, object] | None:
+    """What the cold build of a cached binary cost (None when it was not recorded)."""
+    try:
+        return dict(json.loads((target.parent / "build.json").read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[1] not in BUILDERS:
         print(f"usage: {argv[0]} {{{'|'.join(BUILDERS)}}} VERSION", file=sys.stderr)
         return 1
-    print(ensure(argv[1], argv[2]))
+    if shutil.which("go") is None:
+        print(f"e2e/build.py: no go toolchain on PATH: cannot build {argv[1]}", file=sys.stderr)
+        return 1
+    cached = (cache_root() / f"{argv[1]}-{argv[2]}-{go_version()}" / argv[1]).exists()
+    target = ensure(argv[1], argv[2])
+    if cached:
+        record = build_record(target)
+        cold = (
+            f"its cold build took {record['seconds']} s on {record['built']}"
+            if record
+            else ("its cold build time was not recorded")
+        )
+        print(f"e2e/build.py: {argv[1]} {argv[2]} cached ({cold})", file=sys.stderr)
+    print(target)
     return 0
 
 
