@@ -2,15 +2,19 @@
 
 Every run is isolated from ~/.ansible (tests/ansible_support.py). A debug task
 prints a module's registered result as JSON, so tests assert report fields
-rather than the callback's prose. The fleet tests drive three inventory hosts
-(local connection, each with its own bundle and --host) through the example
-playbook, with serial: 1, any_errors_fatal and its restart handlers.
+rather than the callback's prose. The fleet tests drive four inventory hosts
+(local connection, each with its own certificate, bundle and state file, and
+--host from the inventory name) through a new cluster's bootstrap, a reimage
+in check mode and for real, and the example playbook with its restart handler.
+The modules find ``sakeystate`` on the PATH (the project venv's console script).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +23,17 @@ from typing import Any
 import pytest
 import yaml
 
-from ansible_support import BIN, COLLECTION, ansible_tool
+from ansible_support import (
+    BIN,
+    COLLECTION,
+    OLD_VERSION,
+    ansible_tool,
+    old_sakeystate,
+    systemctl_log,
+    systemd_standin,
+)
 from conftest import Env
-from support import REPO, kid, make_cert, private_key, public_pem, state_data
+from support import REPO, bundle_file_kids, kid, make_cert, private_key, public_pem, state_data
 
 PLAYBOOK = REPO / "ansible" / "playbook.yml"
 HOSTS = ("ctrl1001.example.org", "ctrl1002.example.org", "ctrl1003.example.org")
@@ -41,9 +53,15 @@ class PlaybookRun:
 
 
 def ansible_playbook(
-    tmp: Path, playbook: Path, *args: str, inventory: str = "localhost,"
+    tmp: Path,
+    playbook: Path,
+    *args: str,
+    inventory: str = "localhost,",
+    environ: dict[str, str] | None = None,
 ) -> PlaybookRun:
-    proc = ansible_tool(tmp, "ansible-playbook", "-i", inventory, str(playbook), *args)
+    proc = ansible_tool(
+        tmp, "ansible-playbook", "-i", inventory, str(playbook), *args, environ=environ
+    )
     return PlaybookRun(proc.returncode, proc.stdout, proc.stderr, registered(proc.stdout))
 
 
@@ -53,14 +71,16 @@ def run_module(
     *args: str,
     module: str = "converge",
     interpreter: str = sys.executable,
+    environ: dict[str, str] | None = None,
+    inventory_name: str = "localhost",
 ) -> PlaybookRun:
     """One play: a module's task, then a debug task printing its registered result."""
     play = {
         "name": "sakeystate under test",
-        "hosts": "localhost",
+        "hosts": inventory_name,
         "connection": "local",
         "gather_facts": False,
-        "vars": {"ansible_python_interpreter": interpreter},
+        "vars": {"ansible_python_interpreter": interpreter, "ansible_connection": "local"},
         "tasks": [
             {"name": "Module", f"sakeystate.sakeystate.{module}": module_args, "register": "r"},
             {"name": "Registered result", "ansible.builtin.debug": {"var": "r"}},
@@ -68,11 +88,18 @@ def run_module(
     }
     playbook = tmp / "playbook.yml"
     playbook.write_text(yaml.safe_dump([play], sort_keys=False))
-    return ansible_playbook(tmp, playbook, *args)
+    return ansible_playbook(tmp, playbook, *args, inventory=f"{inventory_name},", environ=environ)
+
+
+def fatal(run: PlaybookRun) -> dict[str, Any]:
+    """The JSON of the first ``fatal: [host]: FAILED! => {...}`` line."""
+    line = next(x for x in run.out.splitlines() if x.startswith("fatal: [") and "FAILED!" in x)
+    failure: dict[str, Any] = json.loads(line.split("=> ", 1)[1])
+    return failure
 
 
 def registered(out: str) -> dict[str, Any] | None:
-    """The result printed by the debug task (JSON after ``ok: [localhost] =>``), if it ran."""
+    """The result printed by the debug task (JSON after ``ok: [host] =>``), if it ran."""
     _, found, rest = out.partition("TASK [Registered result]")
     if not found:
         return None
@@ -114,7 +141,8 @@ def test_check_mode_then_first_run_changes_then_second_run_is_unchanged(env: Env
         revoked=[{"fingerprint": kid_r, "reason": "private key exposed"}],
         bundle={"reload": ["sh", "-c", f"echo reload >> {reloads}"]},
     )
-    args = {"state_file": str(state)}
+    # As ctrl1003: a host deletes only its own entries from etcd (its revoked key).
+    args = {"state_file": str(state), "host": "ctrl1003.example.org"}
     etcd_before = env.dump()
 
     checked = run_module(env.tmp, args, "--check")
@@ -211,18 +239,18 @@ def test_diff_names_hosts_etcd_deletes_and_reload(env: Env) -> None:
         bundle={"reload": ["true"]},
     )
 
-    run = run_module(env.tmp, {"state_file": str(state)}, "--check", "--diff")
+    args = {"state_file": str(state), "host": "ctrl1003.example.org"}  # its own revoked key
+    run = run_module(env.tmp, args, "--check", "--diff")
     assert run.code == 0, run
     lines = run.out.splitlines()
     assert f" {kid_old}  # ctrl1001.example.org" in lines  # unchanged kid, context line
     assert f"+{kid_new}  # ctrl1002.example.org" in lines
-    assert f"-{env.prefix}{kid_revoked}  # ctrl1003.example.org: revoked: host decommissioned" in (
-        lines
-    )
+    revoked_key = env.key("ctrl1003.example.org", kid_revoked)
+    assert f"-{revoked_key}  # ctrl1003.example.org: revoked: host decommissioned" in lines
     assert f"--- before: {env.bundle} (kids)" in lines
     assert "--- before: etcd (keys deleted)" in lines
     assert any(x.startswith("+reload run: bundle key set changed") for x in lines)
-    assert env.prefix + kid_revoked in env.dump()  # --check: shown, not done
+    assert revoked_key in env.dump()  # --check: shown, not done
 
     assert env.cli("converge").code == 0
     env.state(
@@ -256,11 +284,13 @@ def test_refusal_is_worded_in_module_terms_and_writes_nothing(env: Env) -> None:
     kids = [env.publish(k, h) for k, h in zip(keys, hosts, strict=True)]
     keep = private_key("ec256", 15)
     kid_keep = env.publish(keep, "ctrl1004.example.org")
-    state = env.state([*zip(kids, hosts, strict=True), (kid_keep, "ctrl1004.example.org")])
+    trusted = [*zip(kids, hosts, strict=True), (kid_keep, "ctrl1004.example.org")]
+    state = env.state(trusted, bundle={"reload": ["true"]})
     assert env.cli("converge").code == 0
     env.state(
         [(kid_keep, "ctrl1004.example.org")],
         revoked=[{"fingerprint": k, "reason": "rotated"} for k in kids],
+        bundle={"reload": ["true"]},
     )
     etcd_before, bundle_before = env.dump(), env.bundle_bytes()
 
@@ -296,33 +326,57 @@ def test_failed_reload_fails_the_task_after_the_bundle_was_written(env: Env) -> 
     assert env.cli("check").code == 0
 
 
-def test_missing_package_gives_the_standard_missing_library_message(tmp_path: Path) -> None:
-    # Python without site-packages: it cannot import sakeystate (or anything pip installed).
-    bare = tmp_path / "python-without-site-packages"
-    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
-    bare.chmod(0o755)
-    run = run_module(tmp_path, {"state_file": str(tmp_path / "state.yaml")}, interpreter=str(bare))
+def test_missing_executable_gives_the_standard_message(tmp_path: Path) -> None:
+    run = run_module(
+        tmp_path,
+        {"state_file": str(tmp_path / "state.yaml")},
+        environ={"PATH": "/usr/bin:/bin"},
+    )
     assert run.code == 2, run
-    assert "Failed to import the required Python library (sakeystate)" in run.out
+    assert 'Failed to find required executable "sakeystate" in paths: /usr/bin:/bin' in run.out
+    assert "or set executable" in run.out
 
 
 def test_broken_install_fails_the_task_with_the_reason(env: Env) -> None:
-    # sakeystate importable, but one of its dependencies is not (a broken upgrade).
-    blocker = env.tmp / "without-cryptography"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['cryptography'] = None\n")
-    broken = env.tmp / "python-without-cryptography"
-    broken.write_text(f'#!/bin/sh\nPYTHONPATH={blocker} exec {sys.executable} "$@"\n')
+    # sakeystate runs, but one of its dependencies cannot be imported (a broken upgrade).
+    broken = env.tmp / "broken-sakeystate"
+    code = (
+        "import sys; sys.modules['cryptography'] = None; "
+        "from sakeystate.cli import main; sys.exit(main())"
+    )
+    broken.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{code}" "$@"\n')
     broken.chmod(0o755)
     key_id = env.publish(private_key("ec256", 18), "ctrl1001.example.org")
     state = env.state([(key_id, "ctrl1001.example.org")])
 
     for mode in ((), ("--check",)):
-        run = run_module(env.tmp, {"state_file": str(state)}, *mode, interpreter=str(broken))
+        args = {"state_file": str(state), "executable": str(broken)}
+        run = run_module(env.tmp, args, *mode)
         assert run.code == 2, run
         assert "fatal: [localhost]: FAILED!" in run.out
         assert "cryptography" in run.out
     assert env.bundle_bytes() is None
+
+
+MODULES = ("converge", "publish", "reload", "reload_done", "status", "wait", "plan_info")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_old_sakeystate_fails_with_the_minimum_version_message(env: Env, module: str) -> None:
+    old = old_sakeystate(env.tmp)
+    state = env.state([])
+    args: dict[str, Any] = {"state_file": str(state), "executable": str(old)}
+    if module == "wait":
+        args["kid"] = "8Xq0yTQ3c3bPqH0nJj6f2m1fV3tq1Lz0m9p2vXh7a4E"
+    for mode in ((), ("--check",)):
+        run = run_module(env.tmp, args, *mode, module=module)
+        assert run.code == 2, run
+        failure = fatal(run)
+        assert failure["msg"] == (
+            "the sakeystate.sakeystate collection requires sakeystate >= 0.3.0, "
+            f"found {OLD_VERSION} ({old})"
+        )
+    assert env.dump() == {} and env.bundle_bytes() is None
 
 
 def test_old_python_gives_the_standard_missing_library_message(tmp_path: Path) -> None:
@@ -375,7 +429,7 @@ def test_every_returned_field_is_documented(env: Env) -> None:
     assert set(run.result["bundle"]) <= set(docs["bundle"]["contains"])
 
 
-@pytest.mark.parametrize("module", ["converge", "publish", "reload_done"])
+@pytest.mark.parametrize("module", MODULES)
 def test_ansible_doc_renders_without_warnings(tmp_path: Path, module: str) -> None:
     proc = ansible_tool(tmp_path, "ansible-doc", f"sakeystate.sakeystate.{module}")
     assert proc.returncode == 0, proc.stderr
@@ -384,58 +438,303 @@ def test_ansible_doc_renders_without_warnings(tmp_path: Path, module: str) -> No
         assert section in proc.stdout
 
 
-# --- three control planes through the example playbook ----------------------------------
+# --- check mode of the restart modules, diffs, read-only modules ---------------------------
+
+
+def owed_restart(env: Env) -> dict[str, Any]:
+    """A converged host whose restart was left to a handler (owed): the modules' args."""
+    key_id = env.publish(private_key("ec256", 43), "ctrl1001.example.org")
+    state = env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": ["true"]})
+    args = {"state_file": str(state), "host": "ctrl1001.example.org"}
+    run = run_module(env.tmp, {**args, "run_reload": False})
+    assert run.code == 0, run
+    return args
+
+
+@pytest.mark.parametrize("module", ["reload", "reload_done"])
+def test_restart_modules_predict_exactly_in_check_mode(env: Env, module: str) -> None:
+    key_id = env.publish(private_key("ec256", 44), "ctrl1001.example.org")
+    state = env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": ["true"]})
+    args = {"state_file": str(state), "host": "ctrl1001.example.org"}
+    # Nothing converged yet: the play's converge would change the key set, then this runs.
+    pending = run_module(env.tmp, args, "--check", module=module)
+    assert pending.result is not None and pending.result["changed"] is True, pending
+    assert run_module(env.tmp, {**args, "run_reload": True}).code == 0
+    # In sync, nothing owed: check mode says unchanged (it used to say changed always).
+    settled = run_module(env.tmp, args, "--check", module=module)
+    assert settled.result is not None and settled.result["changed"] is False, settled
+    assert (
+        "check mode: no" in settled.result["message"]
+        or "nothing owed" in (settled.result["message"])
+    )
+
+    env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": ["true"], "mode": "0600"})
+    # A permission change is not a restart.
+    chmod = run_module(env.tmp, args, "--check", module=module)
+    assert chmod.result is not None and chmod.result["changed"] is False, chmod
+
+
+def test_reload_done_check_mode_sees_an_owed_restart(env: Env) -> None:
+    args = owed_restart(env)
+    checked = run_module(env.tmp, args, "--check", module="reload_done")
+    assert checked.result is not None and checked.result["changed"] is True
+    assert (env.tmp / "sa-certs.pem.reload-pending").exists()  # check mode cleared nothing
+    done = run_module(env.tmp, args, module="reload_done")
+    assert done.result is not None and done.result["changed"] is True
+    after = run_module(env.tmp, args, "--check", module="reload_done")
+    assert after.result is not None and after.result["changed"] is False
+
+
+def test_reload_module_restarts_an_owed_restart_once(env: Env) -> None:
+    restarts = env.tmp / "restarts"
+    key_id = env.publish(private_key("ec256", 45), "ctrl1001.example.org")
+    reload = ["sh", "-c", f"echo restart >> {restarts}"]
+    state = env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": reload})
+    args = {"state_file": str(state), "host": "ctrl1001.example.org"}
+    assert run_module(env.tmp, {**args, "run_reload": False}).code == 0
+    first = run_module(env.tmp, args, module="reload")
+    assert first.code == 0, first
+    assert first.result is not None
+    assert (first.result["changed"], first.result["owed"]) == (True, False)
+    assert restarts.read_text() == "restart\n"
+    # The owner already restarted (watch, or this handler): the next handler does nothing.
+    again = run_module(env.tmp, args, module="reload")
+    assert again.result is not None and again.result["changed"] is False
+    assert restarts.read_text() == "restart\n"
+    status_prefix = env.prefix.rstrip("/").rsplit("/", 1)[0] + "/kube-apiserver-sa-status/"
+    assert env.etcd.get(status_prefix + "ctrl1001.example.org") is not None
+
+
+def test_handler_never_repeats_a_restart_watch_already_made(env: Env) -> None:
+    restarts = env.tmp / "restarts"
+    key_id = env.publish(private_key("ec256", 46), "ctrl1001.example.org")
+    reload = ["sh", "-c", f"echo restart >> {restarts}"]
+    state = env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": reload})
+    args = {"state_file": str(state), "host": "ctrl1001.example.org"}
+    assert run_module(env.tmp, {**args, "run_reload": False}).code == 0
+    # watch (the restart owner) runs the owed restart first, through the same lifecycle.
+    assert env.cli("reload", "--host", "ctrl1001.example.org").code == 0
+    handler = run_module(env.tmp, args, module="reload")
+    assert handler.result is not None and handler.result["changed"] is False
+    assert restarts.read_text() == "restart\n"  # one change, one restart
+
+
+def test_run_reload_false_diff_leaves_the_restart_to_the_handler(env: Env) -> None:
+    key_id = env.publish(private_key("ec256", 47), "ctrl1001.example.org")
+    state = env.state([(key_id, "ctrl1001.example.org")], bundle={"reload": ["true"]})
+    args = {"state_file": str(state), "run_reload": False}
+    run = run_module(env.tmp, args, "--check", "--diff")
+    assert run.code == 0, run
+    lines = run.out.splitlines()
+    assert not any("reload run" in x for x in lines), run.out
+    assert any(
+        x.startswith("+reload left to the handler (sakeystate.sakeystate.reload), owed from now on")
+        for x in lines
+    ), run.out
+    assert any(x.startswith("+check mode: planned from etcd as it is now") for x in lines)
+
+    default = run_module(env.tmp, {"state_file": str(state)}, "--check", "--diff")
+    assert any(x.startswith("+reload run: ") for x in default.out.splitlines()), default.out
+
+
+def test_status_module_works_in_until_and_assert(env: Env) -> None:
+    host = "ctrl1001.example.org"
+    key_id = env.publish(private_key("ec256", 48), host)
+    state = env.state([(key_id, host)], fleet=[host], bundle={"reload": ["true"]})
+    before = run_module(env.tmp, {"state_file": str(state), "host": host}, module="status")
+    assert before.code == 0, before  # lagging is a result, not a failure
+    assert before.result is not None and before.result["in_order"] is False
+    assert before.result["changed"] is False
+    assert any("no status record" in item for item in before.result["items"])
+    assert set(before.result) - ANSIBLE_FIELDS <= set(documented("status"))
+
+    assert env.cli("converge", "--host", host).code == 0
+    play = [
+        {
+            "name": "The fleet gate",
+            "hosts": "localhost",
+            "connection": "local",
+            "gather_facts": False,
+            "vars": {"ansible_python_interpreter": sys.executable},
+            "tasks": [
+                {
+                    "name": "Wait until every apiserver verifies every key",
+                    "sakeystate.sakeystate.status": {"state_file": str(state), "host": host},
+                    "register": "fleet",
+                    "until": "fleet.in_order",
+                    "retries": 3,
+                    "delay": 1,
+                },
+                {
+                    "name": "Every effective key is verified by every fleet host",
+                    "ansible.builtin.assert": {
+                        "that": [
+                            f"'{key_id}' in fleet.effective_kids",
+                            f"fleet.hosts[0].verifies['{key_id}']",
+                            "fleet.awaiting_review | length == 0",
+                        ]
+                    },
+                },
+            ],
+        }
+    ]
+    playbook = env.tmp / "gate.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    gate = ansible_playbook(env.tmp, playbook)
+    assert gate.code == 0, gate
+    assert "All assertions passed" in gate.out
+
+
+def test_wait_module_reaches_times_out_and_looks_once_in_check_mode(env: Env) -> None:
+    host = "ctrl1001.example.org"
+    key = private_key("ec256", 49)
+    key_id = env.publish(key, host)
+    other = kid(private_key("ec256", 50))
+    state = env.state([(key_id, host)], fleet=[host], bundle={"reload": ["true"]})
+    args = {"state_file": str(state), "host": host}
+    assert env.cli("converge", "--host", host).code == 0
+
+    reached = run_module(env.tmp, {**args, "kid": key_id, "timeout": "30s"}, module="wait")
+    assert reached.code == 0, reached
+    assert reached.result is not None
+    assert (reached.result["reached"], reached.result["lagging"]) == (True, [])
+    assert reached.result["changed"] is False
+
+    late = run_module(env.tmp, {**args, "kid": other, "timeout": "1s"}, module="wait")
+    assert late.code == 2, late
+    failure = fatal(late)
+    assert failure["reached"] is False
+    assert [x["host"] for x in failure["lagging"]] == [host]
+    assert host in failure["msg"]
+
+    looked = run_module(env.tmp, {**args, "kid": other, "timeout": "10m"}, "--check", module="wait")
+    assert looked.code == 0, looked  # check mode never waits, never fails on a late key
+    assert looked.result is not None and looked.result["reached"] is False
+
+
+def test_plan_info_returns_the_plan_for_assertions_and_changes_nothing(env: Env) -> None:
+    host = "ctrl1001.example.org"
+    key_id = env.publish(private_key("ec256", 51), host)
+    state = env.state([(key_id, host)], bundle={"reload": ["true"]})
+    args = {"state_file": str(state), "host": host}
+    drift = run_module(env.tmp, args, module="plan_info")
+    assert drift.code == 0, drift
+    assert drift.result is not None
+    assert (drift.result["in_sync"], drift.result["changed"]) == (False, False)
+    assert drift.result["bundle"]["kids_after"] == [key_id]
+    assert drift.result["reload_needed"] is True
+    assert set(drift.result) - ANSIBLE_FIELDS <= set(documented("plan_info"))
+    assert env.bundle_bytes() is None  # read-only
+
+    assert env.cli("converge", "--host", host).code == 0
+    settled = run_module(env.tmp, args, module="plan_info")
+    assert settled.result is not None and settled.result["in_sync"] is True
+
+
+def test_host_defaults_to_the_inventory_name_only_when_it_is_a_fqdn(env: Env) -> None:
+    host = "ctrl1001.example.org"
+    key_id = env.publish(private_key("ec256", 52), host)
+    state = env.state([(key_id, host)])
+    fqdn = run_module(env.tmp, {"state_file": str(state)}, "--check", inventory_name=host)
+    assert fqdn.code == 0, fqdn
+    assert fqdn.result is not None and fqdn.result["host"] == host
+
+    short = run_module(env.tmp, {"state_file": str(state)}, "--check", inventory_name="ctrl1001")
+    assert short.code == 0, short
+    assert short.result is not None and short.result["host"] != "ctrl1001"  # the CLI's default
+    explicit = run_module(
+        env.tmp, {"state_file": str(state), "host": "ctrl1009.example.org"}, "--check"
+    )
+    assert explicit.result is not None and explicit.result["host"] == "ctrl1009.example.org"
+
+
+# --- four control planes: bootstrap, reimage, check mode host by host ---------------------
+
+HOSTS = tuple(f"ctrl100{i}.example.org" for i in range(1, 5))
+CONVERGE = "Converge etcd and the service-account key bundle"
+PUBLISH = "Publish this control plane's service-account certificate"
 
 
 @dataclass
 class Fleet:
-    """Three inventory hosts on this machine, each with its own bundle, state file and --host."""
+    """Four inventory hosts on this machine, each with its own certificate, bundle and state."""
 
     env: Env
-    keys: dict[str, Any]
+    keys: dict[str, Any]  # each host's current key
+    every_kid: list[tuple[str, str]]  # every key ever trusted (old ones stay in their grace)
 
     @property
     def tmp(self) -> Path:
         return self.env.tmp
 
+    def expected_bundle(self, host: str) -> set[str]:
+        """Every trusted key but the host's own current one (exclude_host: self)."""
+        return {k for k, _h in self.every_kid} - {kid(self.keys[host])}
+
+    def pki(self, host: str) -> Path:
+        path = self.tmp / host / "pki"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def bundle(self, host: str) -> Path:
-        return self.tmp / f"bundle-{host}.pem"
+        return self.pki(host) / "sa-certs.pem"
 
-    @property
-    def restarts(self) -> list[str]:
+    def bundle_kids(self, host: str) -> set[str]:
+        return bundle_file_kids(self.bundle(host))
+
+    def reimage(self, host: str, key: Any) -> str:
+        """A new key and certificate for ``host``, its bundle gone; trusted by the state."""
+        self.keys[host] = key
+        self.every_kid.append((kid(key), host))
+        (self.pki(host) / "sa.pem").write_bytes(make_cert(key, host))
+        self.bundle(host).unlink(missing_ok=True)
+        return kid(key)
+
+    def restarts(self) -> list[tuple[str, str, float]]:
+        """(event, host, time) of every restart's start and end."""
         log = self.tmp / "restarts"
-        return log.read_text().split() if log.exists() else []
+        lines = log.read_text().split("\n") if log.exists() else []
+        return [(e, h, float(t)) for e, h, t in (x.split() for x in lines if x)]
 
-    def template(self, trusted: list[tuple[str, str]], **overrides: Any) -> None:
-        """The shared state as a Jinja template: every host renders its own bundle path."""
+    def restart_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(HOSTS, 0)
+        for event, host, _ in self.restarts():
+            counts[host] += event == "start"
+        return counts
+
+    def overlaps(self) -> int:
+        """How many restarts began while another was running."""
+        running, found = 0, 0
+        for event, _host, _t in sorted(self.restarts(), key=lambda x: x[2]):
+            if event == "start":
+                found += running > 0
+                running += 1
+            else:
+                running -= 1
+        return found
+
+    def template(self, trusted: list[tuple[str, str]]) -> None:
+        """The shared state as a Jinja template: each host renders its own paths."""
+        restart = (
+            f'echo "start $0 $(date +%s.%N)" >> {self.tmp}/restarts; sleep 0.3; '
+            f'echo "end $0 $(date +%s.%N)" >> {self.tmp}/restarts'
+        )
         data = state_data(
             self.env.etcd.url,
             self.env.prefix,
-            str(self.tmp / "bundle-{{ inventory_hostname }}.pem"),
+            str(self.tmp / "{{ inventory_hostname }}" / "pki" / "sa-certs.pem"),
             trusted,
-            **overrides,
+            host="self",
+            own_cert=str(self.tmp / "{{ inventory_hostname }}" / "pki" / "sa.pem"),
+            bundle={
+                "exclude_host": "self",
+                "reload": ["sh", "-c", restart, "{{ inventory_hostname }}"],
+                "reload_timeout": "2m",
+            },
         )
         (self.tmp / "state.yaml.j2").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    def fail_restart(self, host: str, failing: bool) -> None:
-        flag = self.tmp / f"fail-restart-{host}"
-        if failing:
-            flag.touch()
-        else:
-            flag.unlink()
-
-    def play(self, *args: str, abort_host: str = "none") -> PlaybookRun:
-        """The example playbook, plus a task that aborts the play on ``abort_host``."""
-        plays = yaml.safe_load(PLAYBOOK.read_text())
-        plays[0]["tasks"].append(
-            {
-                "name": "Abort the play here (test)",
-                "ansible.builtin.fail": {"msg": "aborted"},
-                "when": "inventory_hostname == abort_host",
-            }
-        )
-        playbook = self.tmp / "fleet.yml"
-        playbook.write_text(yaml.safe_dump(plays, sort_keys=False))
+    def inventory(self) -> Path:
         inventory = self.tmp / "inventory.ini"
         inventory.write_text(
             "[kube_control_plane]\n"
@@ -444,168 +743,255 @@ class Fleet:
                 for h in HOSTS
             )
         )
-        restart = (
-            f"if [ -e {self.tmp}/fail-restart-$0 ]; then echo refused >&2; exit 1; fi; "
-            f"echo $0 >> {self.tmp}/restarts"
-        )
+        return inventory
+
+    def playbook(self, handler: bool, tasks: tuple[str, ...] | None = None) -> Path:
+        """The example playbook; without ``handler``, converge restarts by itself (the
+        default run_reload: true, same lock) so the run needs no ``sakeystate reload``."""
+        plays = yaml.safe_load(PLAYBOOK.read_text())
+        play = plays[0]
+        if not handler:
+            play.pop("handlers")
+            converge = next(x for x in play["tasks"] if x["name"] == CONVERGE)
+            converge.pop("notify")
+            converge["sakeystate.sakeystate.converge"].pop("run_reload")
+        if tasks is not None:
+            play["tasks"] = [x for x in play["tasks"] if x["name"] in tasks]
+        path = self.tmp / f"fleet-{len(list(self.tmp.glob('fleet-*.yml')))}.yml"
+        path.write_text(yaml.safe_dump(plays, sort_keys=False))
+        return path
+
+    def play(self, playbook: Path, *args: str, abort_host: str = "none") -> PlaybookRun:
         extra = {
-            "abort_host": abort_host,
             "sakeystate_state_template": str(self.tmp / "state.yaml.j2"),
-            "sakeystate_state_file": str(self.tmp / "state-{{ inventory_hostname }}.yaml"),
+            "sakeystate_state_file": str(self.tmp / "{{ inventory_hostname }}" / "state.yaml"),
             "sakeystate_validate": f"{BIN / 'sakeystate'} validate %s",
-            "kube_apiserver_restart_argv": ["sh", "-c", restart, "{{ inventory_hostname }}"],
         }
         return ansible_playbook(
-            self.tmp, playbook, "-e", json.dumps(extra), *args, inventory=str(inventory)
+            self.tmp, playbook, "-e", json.dumps(extra), *args, inventory=str(self.inventory())
         )
 
 
 @pytest.fixture
 def fleet(env: Env) -> Fleet:
-    keys = {h: private_key("ec256", 30 + i) for i, h in enumerate(HOSTS)}
-    kids = {h: env.publish(k, h) for h, k in keys.items()}
-    result = Fleet(env, kids)
-    result.template([(kids[h], h) for h in HOSTS])
+    """A new cluster: every host has its certificate on disk; nothing is published yet."""
+    result = Fleet(env, {}, [])
+    for i, host in enumerate(HOSTS):
+        result.reimage(host, private_key("ec256", 30 + i))
+    result.template(result.every_kid)
     return result
 
 
-def test_owed_restart_survives_abort_and_failed_handler_and_happens_once(fleet: Fleet) -> None:
-    a, b, c = HOSTS
-    aborted = fleet.play(abort_host=a)
-    assert aborted.code == 2, aborted
-    assert fleet.bundle(a).exists() and not fleet.bundle(b).exists()
-    assert fleet.restarts == []  # the play ended before any handler ran
-    # Check mode reports the owed restart too (and restarts nothing).
-    checked = fleet.play("--check")
+def test_new_cluster_of_four_settles_in_one_play(fleet: Fleet) -> None:
+    playbook = fleet.playbook(handler=False)
+    first = fleet.play(playbook)
+    assert first.code == 0, first
+    # Every host published before any converged (one play, no serial), so each bundle
+    # holds its three peers' keys after this one run: settled.
+    assert statuses(first.out, PUBLISH) == dict.fromkeys(HOSTS, "changed")
+    assert statuses(first.out, CONVERGE) == dict.fromkeys(HOSTS, "changed")
+    for host in HOSTS:
+        assert fleet.bundle_kids(host) == fleet.expected_bundle(host)
+    # One restart per host, under the cluster-wide lock: never two at once.
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 1)
+    assert fleet.overlaps() == 0
+
+    second = fleet.play(playbook)
+    assert second.code == 0, second
+    assert {h: c["changed"] for h, c in recap(second.out).items()} == dict.fromkeys(HOSTS, 0)
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 1)
+
+
+def test_check_mode_predicts_the_reimage_host_by_host(fleet: Fleet) -> None:
+    """What check mode predicts across hosts, compared with the real run."""
+    playbook = fleet.playbook(handler=False)
+    assert fleet.play(playbook).code == 0
+    a, b, c, d = HOSTS
+    new_kid = fleet.reimage(c, private_key("ec256", 38))
+    fleet.template(fleet.every_kid)
+
+    checked = fleet.play(playbook, "--check", "--diff")
     assert checked.code == 0, checked
-    assert statuses(checked.out, "Converge etcd and the service-account key bundle") == (
+    real = fleet.play(playbook)
+    assert real.code == 0, real
+    predicted, happened = statuses(checked.out, PUBLISH), statuses(real.out, PUBLISH)
+    assert predicted == happened == {a: "ok", b: "ok", c: "changed", d: "ok"}
+    predicted, happened = statuses(checked.out, CONVERGE), statuses(real.out, CONVERGE)
+    # Exact for the reimaged host; the peers' check cannot see c's publish, which was
+    # only predicted: ok in check mode, changed (and restarted) in the real run.
+    assert predicted == {a: "ok", b: "ok", c: "changed", d: "ok"}
+    assert happened == dict.fromkeys(HOSTS, "changed")
+    # ... and check mode says so: on every peer, a warning naming the unpublished key.
+    for host in (a, b, d):
+        warning = (
+            f"[WARNING]: check mode on {host}: trusted key {new_kid} ({c}) is not published "
+            "yet; if this run publishes it, the real run adds it to this bundle"
+        )
+        assert warning in checked.out + checked.err, checked
+    assert "+check mode: planned from etcd as it is now; a publish or a deletion" in checked.out
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 2)
+    assert fleet.overlaps() == 0
+
+    # The exact review: publish for real first, then check; the real run then matches.
+    fleet.reimage(d, private_key("ec256", 39))
+    fleet.template(fleet.every_kid)
+    published = fleet.play(fleet.playbook(handler=False, tasks=(PUBLISH,)))
+    assert statuses(published.out, PUBLISH) == {a: "ok", b: "ok", c: "ok", d: "changed"}
+    checked = fleet.play(playbook, "--check")
+    real = fleet.play(playbook)
+    assert statuses(checked.out, CONVERGE) == statuses(real.out, CONVERGE)
+    assert statuses(real.out, CONVERGE) == dict.fromkeys(HOSTS, "changed")
+    for host in HOSTS:
+        assert fleet.bundle_kids(host) == fleet.expected_bundle(host)
+
+
+def test_example_playbook_restarts_each_host_once_under_the_lock(fleet: Fleet) -> None:
+    playbook = fleet.playbook(handler=True)
+    first = fleet.play(playbook)
+    assert first.code == 0, first
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 1)
+    assert fleet.overlaps() == 0  # the handlers run on all hosts at once; the lock orders them
+    settled = fleet.play(playbook)
+    assert settled.code == 0, settled
+    assert {h: c["changed"] for h, c in recap(settled.out).items()} == dict.fromkeys(HOSTS, 0)
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 1)
+
+
+def test_example_playbook_owed_restart_survives_an_abort_and_happens_once(fleet: Fleet) -> None:
+    playbook = fleet.playbook(handler=True)
+    plays = yaml.safe_load(playbook.read_text())
+    plays[0]["tasks"].append(
+        {
+            "name": "Abort the play here (test)",
+            "ansible.builtin.fail": {"msg": "aborted"},
+            "when": f"inventory_hostname == '{HOSTS[0]}'",
+        }
+    )
+    aborting = fleet.tmp / "aborting.yml"
+    aborting.write_text(yaml.safe_dump(plays, sort_keys=False))
+    aborted = fleet.play(aborting)
+    assert aborted.code == 2, aborted
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 0)  # no handler ran
+    checked = fleet.play(playbook, "--check")
+    assert statuses(checked.out, "Restart kube-apiserver under the sakeystate lock") == (
         dict.fromkeys(HOSTS, "changed")
     )
-    assert fleet.restarts == []
-
-    fleet.fail_restart(b, True)
-    failed = fleet.play()
-    assert failed.code == 2, failed
-    # a: the restart owed since the aborted play; b: its restart failed; c: never reached.
-    assert fleet.restarts == [a]
-    assert statuses(failed.out, "Restart kube-apiserver")[b] == "fatal"
-    assert fleet.bundle(b).exists() and not fleet.bundle(c).exists()
-
-    fleet.fail_restart(b, False)
-    recovered = fleet.play()
+    recovered = fleet.play(playbook)
     assert recovered.code == 0, recovered
-    # a is not restarted again; b's owed restart happens; c converges and restarts.
-    assert fleet.restarts == [a, b, c]
-    assert statuses(recovered.out, "Converge etcd and the service-account key bundle") == {
-        a: "ok",
-        b: "changed",
-        c: "changed",
-    }
+    assert fleet.restart_counts() == dict.fromkeys(HOSTS, 1)
+    assert fleet.overlaps() == 0
 
-    settled = fleet.play()
-    assert settled.code == 0, settled
-    assert fleet.restarts == [a, b, c]
-    assert {h: counts["changed"] for h, counts in recap(settled.out).items()} == dict.fromkeys(
-        HOSTS, 0
+
+# --- the watch and boot roles -------------------------------------------------------------
+
+ROLES = COLLECTION / "roles"
+UNITS = REPO / "examples" / "systemd"
+
+
+def test_watch_and_boot_roles_install_the_units_with_host_drop_ins(tmp_path: Path) -> None:
+    inventory = tmp_path / "inventory.ini"
+    inventory.write_text(
+        "[kube_control_plane]\n"
+        + "".join(
+            f"{h} ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+            for h in HOSTS
+        )
     )
-
-
-def test_check_mode_reports_a_state_change_made_in_the_same_play(fleet: Fleet) -> None:
-    a, b, c = HOSTS
-    # Fresh hosts: no state file, no bundle yet. Check mode still plans from the template.
-    checked = fleet.play("--check", "--diff")
-    assert checked.code == 0, checked
-    converge = "Converge etcd and the service-account key bundle"
-    assert statuses(checked.out, converge) == dict.fromkeys(HOSTS, "changed")
-    assert not any(fleet.bundle(h).exists() for h in HOSTS)
-    assert not (fleet.tmp / f"state-{a}.yaml").exists()
-    assert fleet.restarts == []
-
-    assert fleet.play().code == 0
-    assert fleet.restarts == [a, b, c]
-    before = {h: fleet.bundle(h).read_bytes() for h in HOSTS}
-
-    # The same play changes the state (a reimaged host's new key is trusted) and checks it.
-    new_kid = fleet.env.publish(private_key("ec256", 39), b)
-    fleet.template([*((fleet.keys[h], h) for h in HOSTS), (new_kid, b)])
-    rechecked = fleet.play("--check", "--diff")
-    assert rechecked.code == 0, rechecked
-    assert statuses(rechecked.out, converge) == dict.fromkeys(HOSTS, "changed")
-    assert f"+{new_kid}  # {b}" in rechecked.out.splitlines()
-    assert {h: fleet.bundle(h).read_bytes() for h in HOSTS} == before
-    assert fleet.restarts == [a, b, c]  # check mode restarts nothing and owes nothing
-
-    assert fleet.play().code == 0
-    assert fleet.restarts == [a, b, c, a, b, c]
-
-
-def test_handler_follows_the_key_set_not_an_etcd_only_cleanup(fleet: Fleet) -> None:
-    assert fleet.play().code == 0
-    assert fleet.restarts == list(HOSTS)
-    # A key nobody trusts is revoked: etcd loses it, no bundle changes, nothing restarts.
-    stray = fleet.env.publish(private_key("ec256", 40), "ctrl1009.example.org")
-    fleet.template(
-        [(fleet.keys[h], h) for h in HOSTS],
-        revoked=[{"fingerprint": stray, "reason": "never ours"}],
-    )
-    cleaned = fleet.play()
-    assert cleaned.code == 0, cleaned
-    assert fleet.env.prefix + stray not in fleet.env.dump()
-    # The first host deletes the entry from etcd; the others find nothing left to do.
-    assert statuses(cleaned.out, "Converge etcd and the service-account key bundle") == {
-        HOSTS[0]: "changed",
-        HOSTS[1]: "ok",
-        HOSTS[2]: "ok",
-    }
-    assert statuses(cleaned.out, "Restart kube-apiserver") == {HOSTS[0]: "skipping"}
-    assert fleet.restarts == list(HOSTS)
-
-
-def test_result_reports_bundle_changed_and_reload_needed_until_confirmed(env: Env) -> None:
-    key = private_key("ec256", 41)
-    state = env.state([(env.publish(key, "ctrl1001.example.org"), "ctrl1001.example.org")])
-    args = {"state_file": str(state), "host": "ctrl1001.example.org", "run_reload": False}
-
-    first = run_module(env.tmp, args)
+    units = "{{ units_root }}/{{ inventory_hostname }}"
+    play = [
+        {
+            "name": "sakeystate services",
+            "hosts": "kube_control_plane",
+            "gather_facts": False,
+            "pre_tasks": [
+                {
+                    "name": "Unit directory (test)",
+                    "ansible.builtin.file": {"path": units, "state": "directory", "mode": "0755"},
+                }
+            ],
+            "roles": [
+                {
+                    "role": "sakeystate.sakeystate.watch",
+                    "vars": {
+                        "watch_unit_dir": units,
+                        "watch_executable": str(BIN / "sakeystate"),
+                        "watch_read_write_paths": ["/etc/kubernetes/pki", "-/var/lib/prom dir"],
+                    },
+                },
+                {
+                    "role": "sakeystate.sakeystate.boot",
+                    "vars": {"boot_unit_dir": units, "boot_executable": str(BIN / "sakeystate")},
+                },
+            ],
+        }
+    ]
+    playbook = tmp_path / "services.yml"
+    playbook.write_text(yaml.safe_dump(play, sort_keys=False))
+    root = tmp_path / "units"
+    environ = systemd_standin(tmp_path, ":".join(str(root / h) for h in HOSTS))
+    args = ("-e", json.dumps({"units_root": str(root)}))
+    first = ansible_playbook(tmp_path, playbook, *args, inventory=str(inventory), environ=environ)
     assert first.code == 0, first
-    assert first.result is not None
-    assert (first.result["bundle_changed"], first.result["reload_needed"]) == (True, True)
-    assert first.result["host"] == "ctrl1001.example.org"
+    for host in HOSTS:
+        unit = root / host / "sakeystate-watch.service"
+        assert unit.read_bytes() == (UNITS / "sakeystate-watch.service").read_bytes()
+        dropin = (root / host / "sakeystate-watch.service.d" / "sakeystate.conf").read_text()
+        assert (
+            f'ExecStart="{BIN / "sakeystate"}" "watch" "--state" "/etc/sakeystate/state.yaml" '
+            f'"--host" "{host}" "--metrics-textfile" '
+            '"/var/lib/prometheus/node-exporter/sakeystate.prom"\n'
+        ) in dropin
+        assert 'ReadWritePaths="/etc/kubernetes/pki" "-/var/lib/prom dir"\n' in dropin
+        for name, words in (
+            ("sakeystate-boot.service", '"converge" "--no-reload"'),
+            ("sakeystate-boot-done.service", '"reload-done" "--wait-ready"'),
+        ):
+            boot = (root / host / f"{name}.d" / "sakeystate.conf").read_text()
+            assert (f'{words} "--state" "/etc/sakeystate/state.yaml" "--host" "{host}"\n') in boot
+            assert (root / host / name).read_bytes() == (UNITS / name).read_bytes()
+            verify_unit(root / host, root / host / name)
+        verify_unit(root / host, unit)
+    log = systemctl_log(tmp_path)
+    assert "enable sakeystate-watch.service" in log and "start sakeystate-watch.service" in log
+    for name in ("sakeystate-boot.service", "sakeystate-boot-done.service"):
+        assert f"enable {name}" in log
+        assert f"start {name}" not in log  # they run at boot, not now
 
-    again = run_module(env.tmp, args)
-    assert again.result is not None
-    assert (again.result["bundle_changed"], again.result["reload_needed"]) == (False, True)
-    assert again.result["changed"] is True  # the restart is still owed
-
-    done = run_module(env.tmp, {"state_file": str(state)}, module="reload_done")
-    assert done.code == 0, done
-    assert done.result is not None and done.result["changed"] is True
-    again_done = run_module(env.tmp, {"state_file": str(state)}, module="reload_done")
-    assert again_done.result is not None and again_done.result["changed"] is False
-    settled = run_module(env.tmp, args)
-    assert settled.result is not None
-    assert (settled.result["reload_needed"], settled.result["changed"]) == (False, False)
+    calls = len(log)
+    second = ansible_playbook(tmp_path, playbook, *args, inventory=str(inventory), environ=environ)
+    assert second.code == 0, second
+    assert {h: c["changed"] for h, c in recap(second.out).items()} == dict.fromkeys(HOSTS, 0)
+    assert "restart sakeystate-watch.service" not in systemctl_log(tmp_path)[calls:]
 
 
-def test_publish_checks_diffs_then_publishes_once(env: Env) -> None:
-    host = "ctrl1001.example.org"
-    key = private_key("ec256", 42)
-    cert = env.tmp / "sa.pem"
-    cert.write_bytes(make_cert(key, host))
-    state = env.state([])
-    args = {"state_file": str(state), "host": host, "cert": str(cert)}
+def verify_unit(unit_dir: Path, unit: Path) -> None:
+    import shutil
 
-    checked = run_module(env.tmp, args, "--check", "--diff", module="publish")
-    assert checked.code == 0, checked
-    assert checked.result is not None and checked.result["changed"] is True
-    assert env.dump() == {}
-    assert checked.result["kid"] == kid(key)
-    assert f"+{env.prefix}{kid(key)}  # {host}" in checked.out.splitlines()
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is not installed; CI must run it (.ci/run installs it)")
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run(
+        [analyze, "verify", str(unit)],
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    published = run_module(env.tmp, args, module="publish")
-    assert published.code == 0, published
-    assert published.result is not None and published.result["changed"] is True
-    assert list(env.dump()) == [env.prefix + kid(key)] == [published.result["key"]]
 
-    again = run_module(env.tmp, args, module="publish")
-    assert again.result is not None and again.result["changed"] is False
+def test_watch_role_ships_the_example_unit() -> None:
+    shipped = ROLES / "watch" / "files" / "sakeystate-watch.service"
+    assert shipped.read_bytes() == (UNITS / "sakeystate-watch.service").read_bytes(), (
+        f"cp examples/systemd/sakeystate-watch.service {shipped.relative_to(REPO)}"
+    )
+
+
+@pytest.mark.parametrize("name", ["sakeystate-boot.service", "sakeystate-boot-done.service"])
+def test_boot_role_ships_the_example_units(name: str) -> None:
+    shipped = ROLES / "boot" / "files" / name
+    assert shipped.read_bytes() == (UNITS / name).read_bytes(), (
+        f"cp examples/systemd/{name} {shipped.relative_to(REPO)}"
+    )

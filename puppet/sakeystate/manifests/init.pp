@@ -1,22 +1,36 @@
 # @summary Keep kube-apiserver's service-account key bundle converged with sakeystate.
 #
-# Every command runs as an argv array (no shell), so paths may hold spaces.
+# Declares one `sakeystate_converge` resource, which publishes this host's
+# certificate (with `publish => true`) and converges etcd and the bundle. It orders
+# itself after every file the state reads when the catalog manages it (the state
+# file, the certificate, `own_cert`, the CA and etcd credential files, the bundle's
+# directory), so a freshly reimaged node converges in one run whatever the
+# manifest order.
 #
-# The guard decides when `sakeystate converge` runs:
+# The guard is sakeystate's own verdict: `plan --detailed-exitcode` (default) or
+# `check`. Only "in sync" skips the converge; a drift, an error or a crash runs it,
+# and it then fails the run with the tool's message. In `--noop` the verdict is
+# logged at notice level: `current_value 'would converge: <summary>'` for a drift,
+# `current_value 'cannot plan: <error>'` when etcd cannot be read (or the state is
+# invalid, or sakeystate is too old).
 #
-# * `guard => 'plan'` (the default, fail-safe): `unless => sakeystate plan
-#   --detailed-exitcode`. Only exit 0 ("in sync") skips the converge; a drift (2), an
-#   error (1) or a crash of a broken install (any other code) runs it, and the converge
-#   then fails the Puppet run with the tool's message. Nothing depends on how the tool
-#   maps its failures.
-# * `guard => 'check'`: `onlyif => sakeystate check`, the tool's own `onlyif` command
-#   (0 drift or any failure, 1 in sync). Use it when you want check's own reporting on
-#   every run; it relies on check exiting 0 on every failure, which sakeystate
-#   guarantees for a crash too.
+# Nothing here notifies or requires the kube-apiserver service, so a sakeystate
+# failure (etcd down, a broken install) never keeps Puppet from keeping the
+# apiserver running. A restart runs under sakeystate's cluster-wide lock: by the
+# converge itself (default), or, with `restart_service`, by a refresh-only
+# `exec { 'sakeystate reload': }` after the converge. `sakeystate reload` restarts
+# only when a restart is owed, polls `reload_check`, writes the status record and
+# clears the owed marker, so a restart is never lost and never repeated.
 #
-# In `--noop` both forms show the converge as "current_value 'notrun', should be ['0']"
-# for a drift and for a failure alike; with `--debug` Puppet also logs the guard's
-# output (`Exec[sakeystate converge]/unless: ...`): the plan, or the error.
+# Every sakeystate command checks the installed version first: an older sakeystate
+# fails the run with "requires sakeystate >= 0.3.0, found X".
+#
+# @example One class for every control plane (the state in Hiera or a file)
+#   class { 'sakeystate':
+#     state_content   => file('profile/sakeystate/wikikube-eqiad.yaml'),
+#     publish         => true,
+#     restart_service => 'kube-apiserver',
+#   }
 #
 # @param state_file
 #   The reviewed desired-state file (one file for every control plane: `host: self`,
@@ -24,48 +38,57 @@
 # @param state_content
 #   When set, the content of `state_file`, managed here and validated by
 #   `sakeystate validate` before it replaces the file (an invalid state never lands).
-# @param sakeystate
-#   Absolute path of the sakeystate executable.
+# @param sakeystate_path
+#   Absolute path of the sakeystate executable (0.3.0 or newer). The documented
+#   install is a venv in `/opt/sakeystate` with its console script linked here.
 # @param host
 #   This control plane's fully qualified name (`--host`); default: the state's `host`,
 #   else the node's FQDN.
 # @param guard
-#   `plan` (fail-safe, the default) or `check`; see above.
+#   `plan` (`plan --detailed-exitcode`, the default) or `check` (`sakeystate check`).
+#   Both run the converge on a drift and on any failure.
 # @param publish
-#   Publish this host's certificate (`own_cert`, or `cert`) in etcd, guarded by
-#   `unless => sakeystate publish --check` (0 already published, 2 would publish,
-#   1 error: the publish then runs and reports it).
+#   Publish this host's certificate (`own_cert`, or `cert`) in etcd before the
+#   converge, unless `sakeystate publish --check` says it is already there.
 # @param cert
 #   The certificate to publish instead of the state's `own_cert`.
-# @param restart
-#   A resource that restarts kube-apiserver (for instance `Service['kube-apiserver']`).
-#   When set, the converge runs with `--no-reload` and this resource is notified only
-#   when a restart is owed (the bundle's key set changed, or an earlier restart was
-#   not confirmed); `sakeystate reload-done`, subscribed to it, confirms the restart.
-#   A failed restart therefore leaves it owed, and the next run restarts exactly once.
-#   When unset, the converge runs `bundle.reload` of the state itself.
+# @param converge
+#   `false` only publishes (and deploys the state): the first stage of bootstrapping
+#   a new cluster, so that every host has published before any host converges.
+# @param restart_service
+#   The name of the service Puppet manages for kube-apiserver (for instance
+#   `kube-apiserver`), a String so that Hiera can set it. The converge then runs with
+#   `--no-reload`, and the owed restart is run by `exec { 'sakeystate reload': }`
+#   (refresh-only, subscribed to the converge), ordered after `Service[<name>]` when
+#   the catalog has it: never the other way round. The restart itself is the state's
+#   `bundle.reload` (for instance `systemctl restart kube-apiserver`), under the lock.
 # @param timeout
-#   Seconds Puppet waits for a converge (etcd timeout plus `bundle.reload_timeout`).
+#   Seconds Puppet waits for a converge or a reload (etcd timeout plus
+#   `bundle.reload_timeout`).
 class sakeystate (
-  Sakeystate::Absolutepath           $state_file    = '/etc/sakeystate/state.yaml',
-  Optional[String[1]]                $state_content = undef,
-  Sakeystate::Absolutepath           $sakeystate    = '/usr/local/bin/sakeystate',
-  Optional[Sakeystate::Fqdn]         $host          = undef,
-  Enum['plan', 'check']              $guard         = 'plan',
-  Boolean                            $publish       = false,
-  Optional[Sakeystate::Absolutepath] $cert          = undef,
-  Optional[Type[Resource]]           $restart       = undef,
-  Integer[1]                         $timeout       = 600,
+  Sakeystate::Absolutepath           $state_file      = '/etc/sakeystate/state.yaml',
+  Optional[String[1]]                $state_content   = undef,
+  Sakeystate::Absolutepath           $sakeystate_path = '/usr/local/bin/sakeystate',
+  Optional[Sakeystate::Fqdn]         $host            = undef,
+  Enum['plan', 'check']              $guard           = 'plan',
+  Boolean                            $publish         = false,
+  Optional[Sakeystate::Absolutepath] $cert            = undef,
+  Boolean                            $converge        = true,
+  Optional[Sakeystate::Servicename]  $restart_service = undef,
+  Integer[1]                         $timeout         = 600,
 ) {
   $host_args = $host ? {
     undef   => [],
     default => ['--host', $host],
   }
-  $state_args = ['--state', $state_file] + $host_args
-  # The converge runs when etcd or the bundle drifted, a restart is owed, or the guard failed.
-  $needed = $guard ? {
-    'plan'  => { 'unless' => [[$sakeystate, 'plan', '--detailed-exitcode'] + $state_args] },
-    default => { 'onlyif' => [[$sakeystate, 'check', '--quiet'] + $state_args] },
+
+  $published = $publish ? {
+    true    => 'published',
+    default => undef,
+  }
+  $converged = $converge ? {
+    true    => 'in_sync',
+    default => undef,
   }
 
   if $state_content {
@@ -73,48 +96,32 @@ class sakeystate (
       ensure       => file,
       content      => $state_content,
       mode         => '0644',
-      validate_cmd => "${sakeystate} validate %",
-      before       => Exec['sakeystate converge'],
+      validate_cmd => "${sakeystate_path} validate %",
     }
   }
 
-  if $publish {
-    $cert_args = $cert ? {
-      undef   => [],
-      default => ['--cert', $cert],
-    }
-    exec { 'sakeystate publish':
-      command   => [$sakeystate, 'publish'] + $state_args + $cert_args,
-      unless    => [[$sakeystate, 'publish', '--check'] + $state_args + $cert_args],
-      logoutput => true,
-      before    => Exec['sakeystate converge'],
-    }
+  sakeystate_converge { 'sakeystate':
+    state_file      => $state_file,
+    state_content   => $state_content,
+    sakeystate_path => $sakeystate_path,
+    host            => $host,
+    cert            => $cert,
+    guard           => $guard,
+    no_reload       => $restart_service != undef,
+    timeout         => $timeout,
+    published       => $published,
+    converged       => $converged,
   }
 
-  $reload_args = $restart ? {
-    undef   => [],
-    default => ['--no-reload'],
-  }
-  exec { 'sakeystate converge':
-    command   => [$sakeystate, 'converge'] + $state_args + $reload_args,
-    logoutput => true,
-    timeout   => $timeout,
-    *         => $needed,
-  }
-
-  if $restart {
-    # After a successful converge, the guard only sees a drift when a restart is owed.
-    exec { 'sakeystate restart owed':
-      command => [$sakeystate, '--version'],
-      require => Exec['sakeystate converge'],
-      notify  => $restart,
-      *       => $needed,
-    }
-    exec { 'sakeystate reload-done':
-      command     => [$sakeystate, 'reload-done'] + $state_args,
+  if $restart_service and $converge {
+    exec { 'sakeystate reload':
+      command     => [$sakeystate_path, 'reload', '--state', $state_file] + $host_args,
       refreshonly => true,
       logoutput   => true,
-      subscribe   => $restart,
+      timeout     => $timeout,
+      subscribe   => Sakeystate_converge['sakeystate'],
     }
+    # Restart only a running apiserver; a failed restart never touches the service.
+    Service <| title == $restart_service |> -> Exec['sakeystate reload']
   }
 }

@@ -26,14 +26,21 @@ description:
   - One desired state serves every control plane of a cluster (C(host) and
     C(bundle.exclude_host) set to V(self)); O(host) names the control plane the task runs for.
   - Check mode runs C(sakeystate plan), writes nothing, and reports C(changed) exactly as
-    a real run would.
+    a real run of this task would, B(given etcd as it is when the task runs). It cannot
+    see what other tasks of the same check run only predicted (a publish predicted by
+    M(sakeystate.sakeystate.publish) on this host or on a peer, or a deletion a peer's
+    converge would make, is not in etcd), so the peers' check shows V(ok) where the real
+    run changes their bundles (and restarts their apiservers). Every check-mode diff says
+    so in a C(check mode) line, and when the plan holds a trusted key that is not
+    published yet (a reimage in progress), check mode warns on each host that the real
+    run will add it there. Publish everywhere first (a real run), then check the
+    converge, to review a bootstrap or reimage exactly.
   - Diff mode shows the bundle's kids (with their hosts) before and after, the etcd keys
     deleted or written, and the permission change and reload owed.
 author:
   - sakeystate maintainers (!UNKNOWN)
-requirements:
-  - Python >= 3.11 on the target
-  - the sakeystate Python package, installed for the target's Python interpreter
+extends_documentation_fragment:
+  - sakeystate.sakeystate.common
 options:
   state_file:
     description:
@@ -52,12 +59,6 @@ options:
         mode sees the state the play is about to deploy.
       - Exactly one of O(state_file) and O(desired_state) is required.
     type: dict
-  host:
-    description:
-      - The fully qualified name of the control plane this task runs for (C(--host));
-        the desired state's C(host) and C(bundle.exclude_host) set to V(self) resolve to it.
-      - Defaults to the state's C(host), else the target's FQDN.
-    type: str
   allow_removals:
     description:
       - Allow a plan that removes more than C(retention.max_removals) keys, or a fleet host's
@@ -68,11 +69,12 @@ options:
     description:
       - Run C(bundle.reload) when the bundle's key set changed, or when an earlier reload
         is still owed.
-      - Set to V(false) to leave the restart of kube-apiserver to a handler. The owed
-        restart is then recorded on the target and every run returns RV(reload_needed=true)
-        (and C(changed)) until the handler confirms it with
-        M(sakeystate.sakeystate.reload_done), so an aborted play or a failed handler never
-        loses a restart, and a confirmed one is never repeated.
+      - Set to V(false) to leave the restart of kube-apiserver to a handler running
+        M(sakeystate.sakeystate.reload), which restarts under the cluster-wide lock and
+        writes the status record. The owed restart is recorded on the target and every run
+        returns RV(reload_needed=true) (and C(changed)) until it happened, so an aborted
+        play or a failed handler never loses a restart, and a done one is never repeated
+        (also not by C(sakeystate watch), which shares the record).
     type: bool
     default: true
 notes:
@@ -82,11 +84,14 @@ notes:
   - A converge holds an exclusive lock beside the bundle, so it never interleaves with a
     Puppet run or a manual C(sakeystate converge) on the same host.
 seealso:
-  - module: sakeystate.sakeystate.reload_done
+  - module: sakeystate.sakeystate.reload
   - module: sakeystate.sakeystate.publish
+  - module: sakeystate.sakeystate.plan_info
 attributes:
   check_mode:
-    description: Plans only, writes nothing, and reports changed exactly as a real run would.
+    description:
+      - Plans only, writes nothing, and reports changed exactly as a real run would from
+        etcd as it is now; what other tasks only predicted is not seen (see above).
     support: full
   diff_mode:
     description:
@@ -105,13 +110,16 @@ EXAMPLES = r"""
     state_file: /etc/sakeystate/state.yaml
     host: "{{ inventory_hostname }}"
 
-- name: Converge, leaving the restart to a handler that confirms it
+- name: Converge, leaving the restart to a handler (sakeystate.sakeystate.reload)
   sakeystate.sakeystate.converge:
     state_file: /etc/sakeystate/state.yaml
-    host: "{{ inventory_hostname }}"
     run_reload: false
-  register: sakeystate_result
-  notify: Restart kube-apiserver
+  notify: Restart kube-apiserver under the sakeystate lock
+
+# handlers:
+- name: Restart kube-apiserver under the sakeystate lock
+  sakeystate.sakeystate.reload:
+    state_file: /etc/sakeystate/state.yaml
 
 - name: Check a new desired state before deploying it (one task, right in check mode too)
   sakeystate.sakeystate.converge:
@@ -159,8 +167,8 @@ reload_needed:
     - Whether a kube-apiserver restart is owed and not yet confirmed. This run changed the
       key set, or an earlier restart left to a handler is still owed. With
       O(run_reload=false) it stays V(true) on every run until
-      M(sakeystate.sakeystate.reload_done) confirms the restart. Use it in the handler's
-      C(when), so the handler follows the key set and not every change.
+      M(sakeystate.sakeystate.reload) restarted kube-apiserver (or
+      M(sakeystate.sakeystate.reload_done) confirmed a restart made another way).
   returned: when the plan was computed
   type: bool
   sample: true
@@ -242,6 +250,12 @@ service_account_keys:
       description: The host that published it, when known.
       type: str
       returned: when known
+    host_source:
+      description:
+        - Where its host comes from, V(recorded in this host's bundle), V(pinned),
+          V(named by the certificate), V(etcd path), or an unauthenticated etcd claim.
+      type: str
+      returned: when known
     status:
       description: V(trusted), V(untrusted), V(revoked), ...
       type: str
@@ -282,13 +296,15 @@ errors:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sakeystate.sakeystate.plugins.module_utils.cli import (
+    CHECK_MODE_NOTE,
     STATE_CHOICE,
     STATE_OPTIONS,
     Run,
-    in_module_terms,
+    plan_result,
     require_sakeystate,
     run_cli,
     state_arguments,
+    unseen_publishes,
 )
 
 
@@ -296,7 +312,16 @@ def _lines(items: list[str]) -> str:
     return "".join(f"{item}\n" for item in items)
 
 
-def diff_of(report: dict) -> list[dict[str, str]]:
+def _reload_line(action: dict, run_reload: bool) -> str:
+    if run_reload:
+        return f"reload run: {action.get('reason')}"
+    return (
+        f"reload left to the handler (sakeystate.sakeystate.reload), owed from now on: "
+        f"{action.get('reason')}"
+    )
+
+
+def diff_of(report: dict, run_reload: bool, check_mode: bool) -> list[dict[str, str]]:
     """Ansible diffs of a report: the bundle's kids with their hosts, etcd writes, the rest."""
     hosts = {k.get("kid"): k.get("host") or "host unknown" for k in report.get("keys", [])}
     bundle = report.get("bundle", {})
@@ -333,7 +358,9 @@ def diff_of(report: dict) -> list[dict[str, str]]:
             }
         )
     other = [
-        f"{a.get('target')} {a.get('op')}: {a.get('reason')}"
+        _reload_line(a, run_reload)
+        if a.get("target") == "reload"
+        else f"{a.get('target')} {a.get('op')}: {a.get('reason')}"
         for a in report.get("actions", [])
         if a.get("target") != "etcd"
         and not (a.get("target") == "bundle" and a.get("op") in ("add", "remove"))
@@ -342,6 +369,8 @@ def diff_of(report: dict) -> list[dict[str, str]]:
         a.get("target") == "reload" for a in report.get("actions", [])
     ):
         other.append(f"reload owed: kube-apiserver on {report.get('host')} was not restarted yet")
+    if check_mode:
+        other.append(CHECK_MODE_NOTE)
     if other:
         diffs.append(
             {
@@ -355,14 +384,8 @@ def diff_of(report: dict) -> list[dict[str, str]]:
 
 
 def result_of(module: AnsibleModule, run: Run, inline: str | None) -> dict:
-    """The CLI's report as the task result: ``keys`` renamed, warnings as Ansible warnings."""
-    report = dict(run.report or {})
-    report.pop("warnings", None)
-    for warning in run.warnings:
-        module.warn(warning)
-    if "keys" in report:
-        report["service_account_keys"] = report.pop("keys")
-    report["errors"] = [in_module_terms(e, inline) for e in report.get("errors", [])]
+    """The report as the task result; an owed restart counts as a change."""
+    report = plan_result(module, run, inline)
     report["changed"] = bool(report.get("changed") or report.get("reload_needed"))
     return report
 
@@ -377,20 +400,25 @@ def main() -> None:
         supports_check_mode=True,
         **STATE_CHOICE,
     )
-    require_sakeystate(module)
+    command = require_sakeystate(module)
     state, inline = state_arguments(module)
     args = ["plan" if module.check_mode else "converge", *state, "--format", "json"]
     if module.params["allow_removals"]:
         args.append("--allow-removals")
     if not module.params["run_reload"] and not module.check_mode:
         args.append("--no-reload")
-    run = run_cli(module, args, inline)
+    run = run_cli(module, command, args, inline)
     result = result_of(module, run, inline)
     if run.rc != 0 or run.report is None:
         # A refused plan wrote nothing (changed false); a failed reload came after the writes.
         module.fail_json(msg=run.message(), **result)
+    unseen = unseen_publishes(run.report, run.warnings) if module.check_mode else []
+    for warning in unseen:
+        module.warn(warning)
     if module._diff:
-        result["diff"] = diff_of(run.report)
+        result["diff"] = diff_of(run.report, module.params["run_reload"], module.check_mode)
+        if unseen:
+            result["diff"][-1]["after"] += _lines(unseen)
     module.exit_json(**result)
 
 

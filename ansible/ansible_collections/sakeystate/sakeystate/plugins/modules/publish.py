@@ -23,9 +23,8 @@ description:
   - Publishing does not create trust; the desired state (a pin or a trust anchor) does.
 author:
   - sakeystate maintainers (!UNKNOWN)
-requirements:
-  - Python >= 3.11 on the target
-  - the sakeystate Python package, installed for the target's Python interpreter
+extends_documentation_fragment:
+  - sakeystate.sakeystate.common
 options:
   state_file:
     description:
@@ -37,11 +36,6 @@ options:
       - The desired state as a mapping, as in M(sakeystate.sakeystate.converge).
       - Exactly one of O(state_file) and O(desired_state) is required.
     type: dict
-  host:
-    description:
-      - The fully qualified name the certificate is published for (C(--host)).
-      - Defaults to the state's C(host), else the target's FQDN.
-    type: str
   cert:
     description:
       - Path on the target of the PEM certificate (a chained file is fine) or public key.
@@ -66,7 +60,6 @@ EXAMPLES = r"""
 - name: Publish this control plane's service-account certificate
   sakeystate.sakeystate.publish:
     state_file: /etc/sakeystate/state.yaml
-    host: "{{ inventory_hostname }}"
 
 - name: Publish a certificate other than the state's own_cert
   sakeystate.sakeystate.publish:
@@ -111,12 +104,12 @@ def main() -> None:
         supports_check_mode=True,
         **STATE_CHOICE,
     )
-    require_sakeystate(module)
+    command = require_sakeystate(module)
     state, inline = state_arguments(module)
     args = ["publish", *state, "--format", "json"]
     if module.params["cert"]:
         args += ["--cert", module.params["cert"]]
-    checked = run_cli(module, [*args, "--check"], inline)
+    checked = run_cli(module, command, [*args, "--check"], inline)
     for warning in checked.warnings:
         module.warn(warning)
     if checked.rc not in (ALREADY, WOULD_PUBLISH) or checked.report is None:
@@ -124,7 +117,7 @@ def main() -> None:
     report = checked.report
     changed = checked.rc == WOULD_PUBLISH
     if changed and not module.check_mode:
-        done = run_cli(module, args, inline)
+        done = run_cli(module, command, args, inline)
         if done.rc != 0 or done.report is None:
             module.fail_json(msg=done.message())
         report = done.report

@@ -4,9 +4,9 @@
 # ruff: noqa: E402 - Ansible modules put their documentation before the imports
 """Ansible module ``sakeystate.sakeystate.reload_done``: ``sakeystate reload-done`` as a task.
 
-The handler that restarted kube-apiserver calls it last, so the owed restart
-recorded by a converge with ``run_reload: false`` is cleared only once the
-restart really happened.
+For a caller that restarted kube-apiserver some other way than
+``sakeystate.sakeystate.reload``: it clears the owed restart and writes the
+status record. Check mode predicts exactly with ``plan`` (``restart_owed``).
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ version_added: 0.1.0
 description:
   - Clears the restart owed since M(sakeystate.sakeystate.converge) with
     O(sakeystate.sakeystate.converge#module:run_reload=false)
-    changed the bundle's key set, exactly like C(sakeystate reload-done).
-  - Call it from the handler, after the task that restarted kube-apiserver, so a failed
-    restart (or an aborted play) leaves the restart owed and the next run reports
-    C(reload_needed) again.
-  - Check mode changes nothing.
+    changed the bundle's key set, and writes the host's status record, exactly like
+    C(sakeystate reload-done).
+  - Prefer M(sakeystate.sakeystate.reload) in the handler; it restarts under the
+    cluster-wide lock, so two apiservers never restart at once. Use this module only
+    after a restart made another way, last in the handler chain, so a failed restart (or
+    an aborted play) leaves the restart owed.
+  - Check mode changes nothing and reports C(changed) exactly when the real run of the
+    play would confirm a restart (a restart owed now, or a key-set change that the
+    play's converge would leave owed).
 author:
   - sakeystate maintainers (!UNKNOWN)
-requirements:
-  - Python >= 3.11 on the target
-  - the sakeystate Python package, installed for the target's Python interpreter
+extends_documentation_fragment:
+  - sakeystate.sakeystate.common
 options:
   state_file:
     description:
@@ -40,15 +43,12 @@ options:
       - The desired state as a mapping, as in M(sakeystate.sakeystate.converge).
       - Exactly one of O(state_file) and O(desired_state) is required.
     type: dict
-  host:
-    description:
-      - The fully qualified name of this control plane (C(--host)).
-    type: str
 seealso:
+  - module: sakeystate.sakeystate.reload
   - module: sakeystate.sakeystate.converge
 attributes:
   check_mode:
-    description: Changes nothing and reports changed (a restart that is owed would be confirmed).
+    description: Changes nothing; C(changed) is the real run's, predicted with C(sakeystate plan).
     support: full
   diff_mode:
     description: Not applicable.
@@ -60,15 +60,14 @@ attributes:
 """
 
 EXAMPLES = r"""
-- name: Confirm the restart (last in the handler chain)
+- name: Confirm a restart made another way (last in the handler chain)
   sakeystate.sakeystate.reload_done:
     state_file: /etc/sakeystate/state.yaml
-    host: "{{ inventory_hostname }}"
 """
 
 RETURN = r"""
 message:
-  description: What C(sakeystate reload-done) reported.
+  description: What C(sakeystate reload-done) reported (in check mode, what it would).
   returned: success
   type: str
   sample: owed reload confirmed and cleared
@@ -79,6 +78,7 @@ from ansible_collections.sakeystate.sakeystate.plugins.module_utils.cli import (
     STATE_CHOICE,
     STATE_OPTIONS,
     require_sakeystate,
+    restart_owed,
     run_cli,
     state_arguments,
 )
@@ -86,11 +86,13 @@ from ansible_collections.sakeystate.sakeystate.plugins.module_utils.cli import (
 
 def main() -> None:
     module = AnsibleModule(argument_spec=STATE_OPTIONS, supports_check_mode=True, **STATE_CHOICE)
-    require_sakeystate(module)
-    if module.check_mode:
-        module.exit_json(changed=True, message="check mode: the owed restart would be confirmed")
+    command = require_sakeystate(module)
     state, inline = state_arguments(module)
-    run = run_cli(module, ["reload-done", *state, "--format", "json"], inline)
+    if module.check_mode:
+        owed = restart_owed(module, command, state, inline)
+        message = "the owed restart would be confirmed" if owed else "no reload would be owed"
+        module.exit_json(changed=owed, message=f"check mode: {message}")
+    run = run_cli(module, command, ["reload-done", *state, "--format", "json"], inline)
     if run.rc != 0 or run.report is None:
         module.fail_json(msg=run.message())
     # changed: a restart was owed and is now confirmed (false: nothing was owed).
