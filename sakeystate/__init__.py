@@ -1,3 +1,3 @@
 """sakeystate: converge kube-apiserver service-account key bundles from a reviewed state file."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from cryptography import x509
@@ -80,6 +80,9 @@ class Anchor:
     ca_pems: bytes
     hosts: tuple[str, ...]
     common_name: str | None = None
+    # How far a leaf's notBefore may be ahead of this host's clock: a renewal issued
+    # seconds ago on a machine whose clock runs a little ahead is still valid now.
+    clock_skew: timedelta = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,13 @@ def _issuer_text(cert: x509.Certificate) -> str:
         return "an unreadable issuer"
 
 
+def _subject_text(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except _BAD_INPUT:
+        return "an unreadable subject"
+
+
 def _common_name(cert: x509.Certificate) -> str | None:
     values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(values) != 1 or not isinstance(values[0].value, str):
@@ -223,10 +233,37 @@ def _precheck(leaf_pem: bytes | None, host: str | None) -> str | None:
     return None
 
 
-def _verification_time(at: datetime, leaf: x509.Certificate) -> datetime:
-    """``min(at, notAfter)``: a renewal that is late must not cost the key its trust."""
+def verification_time(at: datetime, not_before: datetime | None, skew: timedelta) -> datetime:
+    """Now, or the leaf's notBefore when that is at most ``skew`` ahead.
+
+    Never a moment the certificate chooses beyond that: verifying as of a leaf's
+    notAfter (or a notBefore far ahead) would let a leaf backdated into an expired
+    intermediate's validity, or future-dated under a not-yet-valid one, be trusted by
+    whoever holds a retired CA key. A key trusted once keeps its trust through the
+    bundle (the planner's job), so a late renewal never drops it.
+    """
     moment = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-    return min(moment, leaf.not_valid_after_utc)
+    if not_before is not None and moment < not_before <= moment + skew:
+        return not_before
+    return moment
+
+
+def _no_issuer(leaf: x509.Certificate, chain: Sequence[x509.Certificate], ca_pems: bytes) -> bool:
+    """Whether neither the value's intermediates nor the ca_file hold a certificate
+    whose subject is the leaf's issuer (the verifier then only says "exhausted")."""
+    try:
+        issuer = leaf.issuer
+        if issuer == leaf.subject:
+            return False  # self-issued: no file holds its issuer, and none should
+        candidates = [*chain, *_store_certificates(ca_pems)]
+        return all(cert.subject != issuer for cert in candidates)
+    except _BAD_INPUT:
+        return False
+
+
+@lru_cache(maxsize=64)
+def _store_certificates(ca_pems: bytes) -> tuple[x509.Certificate, ...]:
+    return tuple(x509.load_pem_x509_certificates(ca_pems))
 
 
 def _check(
@@ -240,9 +277,15 @@ def _check(
         return parsed, None
     leaf, chain = parsed
     try:
-        verifier = _verifier(anchor.ca_pems, anchor.name, _verification_time(at, leaf))
-        verified = verifier.verify(leaf, chain).chain
+        moment = verification_time(at, leaf.not_valid_before_utc, anchor.clock_skew)
+        verified = _verifier(anchor.ca_pems, anchor.name, moment).verify(leaf, chain).chain
     except _BAD_INPUT as exc:
+        if _no_issuer(leaf, chain, anchor.ca_pems):
+            return (
+                f"no issuer of {_subject_text(leaf)} (issued by {_issuer_text(leaf)}) in the "
+                "value or in the anchor's ca_file: publish the chained file (leaf, then "
+                "intermediate) or add the intermediate to ca_file"
+            ), None
         message = _ENCOUNTERED_RE.sub("", str(exc))
         return (
             f"certificate issued by {_issuer_text(leaf)} does not chain to "

@@ -2,43 +2,40 @@
 
 Order of a converge, chosen so that a crash at any point is repaired by the
 next run: lock; read etcd and the bundle; plan; refuse if unsafe; etcd writes
-(guarded, re-planned from a fresh read when something moved); mark a reload as
-owed; write the bundle atomically; reload (holding the cluster's reload lock
-through ``reload_check``, so two apiservers never restart at once); clear the mark.
+(guarded, re-planned from a fresh read when something moved); mark a restart as
+owed; write the bundle atomically; the status record when nothing is owed. The
+restart itself (cluster lock, command, check, record, clearing the mark) is
+``sakeystate.restart``'s.
 """
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sakeystate import bundle
+from sakeystate import bundle, restart
 from sakeystate.anchors import Anchor, load_roots
-from sakeystate.errors import EtcdError, Refused, ReloadFailed, SakeystateError
-from sakeystate.escape import for_terminal
-from sakeystate.etcd import EtcdStore, ReloadLock, batches
+from sakeystate.errors import EtcdError, PermissionDenied, Refused, SakeystateError
+from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
-from sakeystate.model import BundleObservation, EtcdObservation, Guard, Put
-from sakeystate.plan import LocalFacts, Plan, certify, plan, plan_publish, status_record
-from sakeystate.state import AnchorConfig, BundleConfig, DesiredState
+from sakeystate.model import BundleObservation, Delete, EtcdEntry, EtcdObservation, Guard, Put
+from sakeystate.plan import (
+    LocalFacts,
+    Plan,
+    StatusObservation,
+    certify,
+    own_entry_key,
+    plan,
+    plan_prune,
+    plan_publish,
+)
+from sakeystate.restart import Who
+from sakeystate.state import AnchorConfig, DesiredState
 
 # A guarded write that loses a race is re-planned from a fresh read this often.
 MAX_ATTEMPTS = 5
-RELOAD_CHECK_INTERVAL = 1.0
 MAX_CA_FILE_BYTES = 1024 * 1024
-# How much of a failed reload's output is kept for its error message.
-RELOAD_OUTPUT_TAIL = 4096
-# How long output is still read after the reload command exited (a daemon it
-# started may hold the pipe open forever).
-RELOAD_DRAIN_GRACE = 0.5
 
 
 def own_key(desired: DesiredState) -> KeyInfo | None:
@@ -51,10 +48,9 @@ def own_key(desired: DesiredState) -> KeyInfo | None:
 def local_facts(desired: DesiredState) -> LocalFacts:
     """What this host adds to the plan; a failure converge would hit becomes a refusal."""
     problems: list[str] = []
-    own_kid = None
+    own = None
     try:
         own = own_key(desired)
-        own_kid = own.kid if own else None
     except SakeystateError as exc:
         problems.append(str(exc))
     problems += bundle.preflight(desired.bundle)
@@ -64,7 +60,12 @@ def local_facts(desired: DesiredState) -> LocalFacts:
             anchors.append(load_anchor(config))
         except SakeystateError as exc:
             problems.append(str(exc))
-    return LocalFacts(own_kid=own_kid, problems=tuple(problems), anchors=tuple(anchors))
+    return LocalFacts(
+        own_kid=own.kid if own else None,
+        problems=tuple(problems),
+        anchors=tuple(anchors),
+        own_key=own,
+    )
 
 
 def load_anchor(config: AnchorConfig) -> Anchor:
@@ -74,26 +75,29 @@ def load_anchor(config: AnchorConfig) -> Anchor:
     what = f"trust_anchors {config.name}: ca_file"
     pem = read_capped(config.ca_file, MAX_CA_FILE_BYTES, what)
     load_roots(pem, f"{what} {config.ca_file}")
-    return Anchor(config.name, pem, config.hosts, config.common_name)
+    return Anchor(config.name, pem, config.hosts, config.common_name, config.clock_skew)
 
 
 def observe(
     desired: DesiredState, snapshot_path: str | None = None
-) -> tuple[EtcdObservation, BundleObservation]:
-    """etcd (or a snapshot of it) and the bundle, as a plan sees them.
+) -> tuple[EtcdObservation, BundleObservation, StatusObservation | None]:
+    """etcd (or a snapshot of it), the bundle, and this host's status record, as a plan
+    sees them.
 
     A snapshot that carries the bundle of ``bundle.path`` stands in for the local
-    file too, so a review machine plans exactly what the host would.
+    file too, so a review machine plans exactly what the host would; it carries no
+    status record, whose drift is then not judged.
     """
     if snapshot_path:
         from sakeystate import snapshot
 
         observed, found = snapshot.load_with_bundle(snapshot_path, desired.etcd.prefix)
         if found is not None and found.path == desired.bundle.path:
-            return observed, found
-        return observed, bundle.observe(desired.bundle)
+            return observed, found, None
+        return observed, bundle.observe(desired.bundle), None
     with EtcdStore(desired.etcd) as store:
-        return store.read(desired.etcd.prefix), bundle.observe(desired.bundle)
+        observed = store.read(desired.etcd.prefix)
+        return observed, bundle.observe(desired.bundle), observe_status(desired, store)
 
 
 def observe_and_plan(
@@ -106,14 +110,63 @@ def observe_and_plan(
     observed = store.read(desired.etcd.prefix)
     found = bundle.observe(desired.bundle)
     return plan(
-        desired, observed, found, at, allow_removals, local_facts(desired), reload_by_caller
+        desired,
+        observed,
+        found,
+        at,
+        allow_removals,
+        local_facts(desired),
+        reload_by_caller,
+        observe_status(desired, store),
     )
 
 
-def apply_etcd(store: EtcdStore, current: Plan) -> bool:
-    """Apply the plan's etcd writes; False when a guard failed (re-plan and retry)."""
+def observe_status(desired: DesiredState, store: EtcdStore) -> StatusObservation | None:
+    """This host's own status record: part of what a plan converges (R18)."""
+    if desired.host is None:
+        return None
+    key = desired.etcd.status_prefix + desired.host
+    return StatusObservation(key, store.get(key))
+
+
+def apply_etcd(store: EtcdStore, current: Plan) -> tuple[bool, list[str]]:
+    """Apply the plan's etcd writes: (False when a guard failed: re-plan and retry, the
+    warnings of migrations that could only copy)."""
     items = [(a.guards, a.writes) for a in current.etcd_actions]
-    return all(store.transaction(guards, writes) for guards, writes in batches(items))
+    try:
+        return all(store.transaction(g, w) for g, w in batches(items)), []
+    except PermissionDenied:
+        if not any(a.op == "migrate" for a in current.etcd_actions):
+            raise
+    # Under the per-host grants this host may not delete its old flat or legacy copies:
+    # each migration then only creates the new copy; the old one is left to prune.
+    notes = []
+    for action in current.etcd_actions:
+        try:
+            ok = store.transaction(action.guards, action.writes)
+        except PermissionDenied:
+            if action.op != "migrate":
+                raise
+            copy = [w for w in action.writes if isinstance(w, Put)]
+            ok = not copy or store.transaction(action.guards[:1], copy)
+            notes.append(
+                f"etcd key {action.key}: this host may not delete this old copy of its key "
+                "(the per-host grants); it is read meanwhile; an operator's `sakeystate "
+                "prune` removes it"
+            )
+        if not ok:
+            return False, notes
+    return True, notes
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A converge's writes: the plan applied, and whether a restart is owed afterwards
+    (``restart.Restarter`` performs it, or the caller does)."""
+
+    plan: Plan
+    owed: bool
+    record_error: str | None = None  # the status record could not be written (the run fails)
 
 
 def converge(
@@ -121,208 +174,124 @@ def converge(
     store: EtcdStore,
     at: datetime,
     allow_removals: bool = False,
-    run_reload: bool = True,
-    reloading: Callable[[bool], None] | None = None,
-) -> Plan:
-    """Bring etcd and the bundle to the desired state; returns the plan that was applied.
+    who: Who = Who.RUN,
+    on_applied: Callable[[Plan], None] | None = None,
+) -> Applied:
+    """Bring etcd and the bundle to the desired state; the restart is left to ``restart``.
 
-    ``reloading`` is told True when the reload begins (waiting for the reload lock
-    included) and False when it ended, before the lock is released: ``watch`` lets
-    SIGTERM abort a reload (it stays owed) but lets every other step finish.
+    Under the local lock: plan, etcd writes, the owed-restart marker (before the bundle
+    write that makes a restart owed), the bundle and JWKS writes, ``on_applied`` (watch's
+    hook: a signer serves the set from here), then, when no restart is owed, the status
+    record. A restart owed is performed afterwards, outside this lock, so that waiting
+    for the cluster's reload lock never holds up the next converge of this host.
     """
     config = desired.bundle
-    # Another run on this host may be in its reload (reload_timeout) and its etcd writes.
+    # Another run on this host may be in its etcd writes or its restart.
     with bundle.locked(config, config.reload_timeout + desired.etcd.timeout):
         for _attempt in range(MAX_ATTEMPTS):
-            current = observe_and_plan(desired, store, at, allow_removals, not run_reload)
+            current = observe_and_plan(desired, store, at, allow_removals, who is Who.CALLER)
             if current.refusals:
                 raise Refused(current)
-            if apply_etcd(store, current):
+            applied, notes = apply_etcd(store, current)
+            if applied:
+                current = replace(current, warnings=(*current.warnings, *notes))
                 break
         else:
             raise EtcdError(
                 f"etcd keys under {desired.etcd.prefix} kept changing during {MAX_ATTEMPTS} "
                 "attempts; nothing more was written, run again"
             )
-        reload_action = current.reload
-        if reload_action is not None and not current.write_bundle:
-            pass  # owed from an earlier run: the marker is already there
-        elif reload_action is not None:
-            bundle.mark_reload_pending(config, reload_action.reason)
+        owed = restart.owes(current, who)
+        if owed:
+            # Owed until a restart ran or `reload-done` confirmed one, whoever does it;
+            # owed to nobody (no restart configured, no caller), it is only a warning.
+            reason = "bundle key set changed"
+            nobody = who is Who.RUN and not config.reload
+            bundle.mark_reload_pending(config, f"unowned: {reason}" if nobody else reason)
         if current.write_bundle:
             bundle.write(config, current.bundle_content)
         elif any(a.op == "permissions" for a in current.actions):
             bundle.fix_permissions(config)
         if current.write_jwks and current.jwks_content is not None and config.jwks_path:
             bundle.write(config, current.jwks_content, config.jwks_path)
-        if reload_action is not None and run_reload and config.reload:
+        if on_applied is not None:
+            on_applied(current)
+        # Owed from an earlier run too (the plan saw the marker); restart-free: never.
+        owed = who is not Who.NEVER and (owed or current.owes_reload)
+        record_error = None
+        if not owed:
+            # In sync, nothing owed: what this host's apiserver verifies is settled.
             try:
-                _reload(desired, store, reloading)
-            except ReloadFailed as exc:
-                exc.plan = current
-                raise
-            bundle.clear_reload_pending(config)
-        if reload_action is None or run_reload:
-            # In sync, no reload owed: what this host's apiserver verifies is settled.
-            write_status(desired, store, current, at)
-    return current
-
-
-def _reload(
-    desired: DesiredState, store: EtcdStore, reloading: Callable[[bool], None] | None
-) -> None:
-    """Under the cluster's reload lock: the reload, then ``reload_check`` polled until it
-    succeeds. Waiting for the lock, the reload and the check share ``reload_timeout``."""
-    config = desired.bundle
-    deadline = time.monotonic() + config.reload_timeout
-    lock = None
-    if desired.etcd.reload_lock:
-        holder = f"{desired.host or socket.gethostname()} pid {os.getpid()}"
-        lock = ReloadLock(store, desired.etcd.reload_lock, holder)
-    try:
-        if reloading is not None:
-            reloading(True)
-        if lock is not None:
-            try:
-                lock.acquire(config.reload_timeout)
+                restart.write_record(desired, store, current, at, restart.mode_of(who))
             except EtcdError as exc:
-                raise ReloadFailed(f"{exc}; the reload will be retried") from None
-        _reload_and_check(config, deadline)
-    finally:
-        if reloading is not None:
-            reloading(False)
-        if lock is not None:
-            lock.release()
+                record_error = str(exc)
+    return Applied(current, owed, record_error)
 
 
-def _reload_and_check(config: BundleConfig, deadline: float) -> None:
-    """The reload, then ``reload_check`` polled until it succeeds, by ``deadline``."""
-    assert config.reload is not None
-    # Tenths of a second: the time the lock took is not worth "timed out after 0.9988s".
-    run_reload_command(config.reload, max(0.1, round(deadline - time.monotonic(), 1)))
-    if not config.reload_check:
-        return
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ReloadFailed(
-                f"reload_check {' '.join(config.reload_check)!r} did not succeed within "
-                f"reload_timeout ({config.reload_timeout:g}s); the reload will be retried"
-            )
-        try:
-            run_reload_command(config.reload_check, left)
-            return
-        except ReloadFailed:
-            time.sleep(min(RELOAD_CHECK_INTERVAL, max(0.0, deadline - time.monotonic())))
-
-
-def reload_done(desired: DesiredState) -> bool:
-    """The caller restarted kube-apiserver: clear the owed reload. True if one was owed."""
-    with bundle.locked(desired.bundle, desired.bundle.reload_timeout + desired.etcd.timeout):
-        owed = bundle.observe(desired.bundle).reload_pending
-        bundle.clear_reload_pending(desired.bundle)
-    return owed
-
-
-def write_status(desired: DesiredState, store: EtcdStore, current: Plan, at: datetime) -> None:
-    """This host's status record, written (guarded) only when what it says changed."""
-    if desired.host is None:
-        return
-    key = desired.etcd.status_prefix + desired.host
+def prune(
+    desired: DesiredState,
+    store: EtcdStore,
+    at: datetime,
+    local: LocalFacts,
+    only_host: str | None = None,
+    allow_removals: bool = False,
+    dry_run: bool = False,
+) -> Plan:
+    """``sakeystate prune``: plan, refuse, then delete (guarded; re-planned when an entry
+    moved since it was read). Returns the plan that was applied (or would be)."""
     for _attempt in range(MAX_ATTEMPTS):
-        existing = store.get(key)
-        value = status_record(desired, current, existing, at)
-        if value is None:
-            return
-        guard = Guard(key, existing.mod_revision if existing else 0)
-        if store.transaction([guard], [Put(key, value)]):
-            return
-    raise EtcdError(f"{key} kept changing during {MAX_ATTEMPTS} attempts; run again")
+        observed = store.read(desired.etcd.prefix)
+        statuses = store.read(desired.etcd.status_prefix)
+        current = plan_prune(desired, observed, statuses, at, local, only_host, allow_removals)
+        if current.refusals:
+            raise Refused(current)
+        if dry_run:
+            return current
+        applied, _notes = apply_etcd(store, current)
+        if applied:
+            return current
+    raise EtcdError(
+        f"etcd keys under {desired.etcd.prefix} kept changing during {MAX_ATTEMPTS} "
+        "attempts; nothing more was written, run again"
+    )
 
 
-def run_reload_command(argv: tuple[str, ...], timeout: float) -> None:
-    """Run the reload argv with a time limit; any failure raises ReloadFailed.
+def _other_copies(
+    store: EtcdStore, desired: DesiredState, host: str, kid: str
+) -> tuple[list[tuple[EtcdEntry, datetime | None]], str | None]:
+    """This key's copies in the revision-2 flat layout (``<prefix><kid>``) and the legacy
+    one (``<prefix><host>``) with their publish times (publishing moves them), and the
+    etcd key of a copy under another host's path, if any (publishing is then refused)."""
+    from sakeystate.keys import parse_value
 
-    Returns or raises within ``timeout`` plus about a second, whatever the
-    command does: its output is read as it comes, keeping only the last
-    ``RELOAD_OUTPUT_TAIL`` bytes (a reload that prints gigabytes costs no
-    memory), and a child that daemonises while holding stdout open is not
-    waited for: once the command itself has exited, its output is drained for
-    ``RELOAD_DRAIN_GRACE`` at most, then the pipe is closed. On timeout the
-    command's process group is killed.
-    """
-    shown = for_terminal(" ".join(argv))
+    prefix = desired.etcd.prefix
+    old = []
+    elsewhere = None
+    for entry in store.read(prefix).entries:
+        name = entry.key[len(prefix) :]
+        if name.endswith("/" + kid) and name != f"{host}/{kid}":
+            elsewhere = elsewhere or entry.key
+        if name not in (kid, host):
+            continue
+        try:
+            value = parse_value(entry.value)
+        except SakeystateError:
+            continue
+        if value.key.kid == kid:
+            old.append((entry, value.published if name == kid else None))
+    return old, elsewhere
+
+
+def _put_moving(store: EtcdStore, guard: Guard, put: Put, old: list[EtcdEntry]) -> bool:
+    """Put, deleting the old copies in the same transaction; under the per-host grants
+    (which do not let this host delete them) the put alone, and prune removes them."""
+    guards = [guard, *(Guard(e.key, e.mod_revision) for e in old)]
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise ReloadFailed(f"reload command {shown!r} could not start: {exc.strerror}") from None
-    assert proc.stdout is not None
-    try:
-        tail, exited = _output_tail(proc, proc.stdout.fileno(), time.monotonic() + timeout)
-    except BaseException:
-        # watch stopping (SIGTERM) mid-reload: never leave the reload running unlocked.
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        proc.stdout.close()
-    if not exited:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1)
-        raise ReloadFailed(
-            f"reload command {shown!r} timed out after {timeout:g}s; it will be retried"
-        )
-    if proc.returncode != 0:
-        detail = _last_lines(tail)
-        raise ReloadFailed(
-            f"reload command {shown!r} exited {proc.returncode}{detail}; it will be retried"
-        )
-
-
-def _output_tail(proc: subprocess.Popen[bytes], fd: int, deadline: float) -> tuple[bytes, bool]:
-    """The last bytes ``proc`` wrote, and whether it exited before ``deadline``."""
-    tail = b""
-    eof = False
-    exited_at: float | None = None
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            now = time.monotonic()
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
-            if exited_at is not None and (eof or now >= exited_at + RELOAD_DRAIN_GRACE):
-                return tail, True
-            if exited_at is None and now >= deadline:
-                return tail, False
-            until = deadline if exited_at is None else exited_at + RELOAD_DRAIN_GRACE
-            if eof:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.0, until - now))
-                continue
-            # A short wait, so an exit is noticed while a daemon keeps the pipe open.
-            if selector.select(timeout=min(0.05, max(0.0, until - now))):
-                chunk = os.read(fd, 65536)
-                eof = not chunk
-                tail = (tail + chunk)[-RELOAD_OUTPUT_TAIL:]
-
-
-def _last_lines(tail: bytes) -> str:
-    """The end of the reload's output for the error message: three lines, escaped."""
-    # Split at LF only: a CR or other control character inside a line is shown escaped.
-    lines = [line for line in tail.decode("utf-8", "replace").split("\n") if line.strip()]
-    if len(tail) == RELOAD_OUTPUT_TAIL and len(lines) > 1:
-        lines = lines[1:]  # cut mid-line by the cap
-    shown = [for_terminal(line.strip()) for line in lines[-3:]]
-    return f": {' / '.join(shown)}" if shown else ""
+        return store.transaction(guards, [put, *(Delete(e.key) for e in old)])
+    except PermissionDenied:
+        if not old:
+            raise
+        return store.transaction([guard], [put])
 
 
 @dataclass(frozen=True)
@@ -389,11 +358,20 @@ def publish(
                 f"refusing to publish {key.kid} for {host}: no trust anchor certifies it "
                 f"({verdict.reason}); its peers would not trust it"
             )
-    target = desired.etcd.prefix + key.kid
+    target = own_entry_key(desired, host, key.kid)
     attempted: bytes | None = None
     for _attempt in range(MAX_ATTEMPTS):
         existing = store.get(target)
-        decision = plan_publish(target, existing, key, host, at, intermediates)
+        old: list[tuple[EtcdEntry, datetime | None]] = []
+        if existing is None:
+            old, elsewhere = _other_copies(store, desired, host, key.kid)
+            if elsewhere is not None:
+                raise SakeystateError(
+                    f"refusing to publish {key.kid} for {host}: {elsewhere} already holds it "
+                    "(another host published this key)"
+                )
+        published = old[0][1] if old else None
+        decision = plan_publish(target, existing, key, host, at, intermediates, published)
         if decision.value is None:
             # A write whose answer was lost may have applied: then it is ours.
             ours = attempted is not None and existing is not None and existing.value == attempted
@@ -402,6 +380,6 @@ def publish(
             return PublishResult(True, target, "would be " + decision.message)
         guard = Guard(target, existing.mod_revision if existing else 0)
         attempted = decision.value
-        if store.transaction([guard], [Put(target, decision.value)]):
+        if _put_moving(store, guard, Put(target, decision.value), [e for e, _p in old]):
             return PublishResult(True, target, decision.message)
     raise EtcdError(f"{target} kept changing during {MAX_ATTEMPTS} attempts; run again")

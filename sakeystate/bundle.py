@@ -58,7 +58,9 @@ def _directory_problem(setting: str, path: str) -> str | None:
     ``bundle.jwks_path`` for the JWKS file), so each message names what to fix.
     """
     directory = os.path.dirname(path) or "."
-    label = "JWKS directory" if setting == "bundle.jwks_path" else "bundle directory"
+    label = {"bundle.jwks_path": "JWKS directory", "--metrics-textfile": "metrics directory"}.get(
+        setting, "bundle directory"
+    )
     try:
         st = os.stat(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -128,10 +130,14 @@ def _read(path: str, what: str) -> tuple[bytes | None, os.stat_result | None]:
 def observe(config: BundleConfig) -> BundleObservation:
     path = config.path
     content, st = _read(path, "bundle")
-    pending = _lstat(path + PENDING_SUFFIX) is not None
+    marker = _read(path + PENDING_SUFFIX, "reload marker")[0]
+    pending = marker is not None
+    unowned = marker is not None and marker.startswith(UNOWNED)
     jwks = _read(config.jwks_path, "JWKS file")[0] if config.jwks_path else None
     if st is None:
-        return BundleObservation(path, None, reload_pending=pending, jwks_content=jwks)
+        return BundleObservation(
+            path, None, reload_pending=pending, jwks_content=jwks, reload_unowned=unowned
+        )
     return BundleObservation(
         path=path,
         content=content,
@@ -140,6 +146,7 @@ def observe(config: BundleConfig) -> BundleObservation:
         group=_group_name(st.st_gid),
         reload_pending=pending,
         jwks_content=jwks,
+        reload_unowned=unowned,
     )
 
 
@@ -299,15 +306,22 @@ def write_atomic(
         with suppress(OSError):
             os.unlink(tmp)
         raise BundleError(f"cannot write {path}: {_describe(exc)}; it is unchanged") from None
-    _fsync_dir(directory)
+    _fsync_dir(directory, f"wrote {path}")
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_dir(directory: str, done: str) -> None:
+    """Make a rename or unlink in ``directory`` durable; ``done`` says what happened."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise BundleError(
+            f"{done}, but cannot sync its directory {directory}: {_describe(exc)}; "
+            "the change may not survive a crash"
+        ) from None
 
 
 def write(config: BundleConfig, content: bytes, path: str | None = None) -> None:
@@ -334,8 +348,14 @@ def fix_permissions(config: BundleConfig) -> None:
         raise BundleError(f"cannot set permissions of {config.path}: {_describe(exc)}") from None
 
 
+# The marker's first word when nobody was to run the owed reload (no bundle.reload, no
+# caller): then it is a warning on every run, not an action.
+UNOWNED = b"unowned:"
+
+
 def mark_reload_pending(config: BundleConfig, reason: str) -> None:
-    """Durably remember that a reload is owed, before the write that makes it owed."""
+    """Durably remember that a reload is owed, before the write that makes it owed.
+    ``reason`` starting with ``unowned:`` says that nobody was to run it."""
     marker = config.path + PENDING_SUFFIX
     origin = ("bundle.path", config.path)
     write_atomic(marker, f"{reason}\n".encode(), 0o600, setting=origin, what="reload marker")
@@ -349,7 +369,7 @@ def clear_reload_pending(config: BundleConfig) -> None:
         return
     except OSError as exc:
         raise BundleError(f"cannot remove {marker}: {_describe(exc)}") from None
-    _fsync_dir(os.path.dirname(marker) or ".")
+    _fsync_dir(os.path.dirname(marker) or ".", f"removed {marker}")
 
 
 def _holder(fd: int) -> str:

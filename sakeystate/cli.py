@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -16,8 +17,10 @@ from sakeystate import __version__
 from sakeystate.errors import SakeystateError, StateError
 
 if TYPE_CHECKING:
-    from sakeystate.fleet import FleetStatus
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.fleet import FleetStatus, Lag
     from sakeystate.plan import Plan
+    from sakeystate.restart import Outcome, Restarter, Stop
     from sakeystate.state import DesiredState
 
 DEFAULT_STATE = "/etc/sakeystate/state.yaml"
@@ -58,7 +61,7 @@ def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
     from sakeystate.plan import plan
 
     snapshot_path = getattr(args, "observed", None)
-    observed, found = observe(desired, snapshot_path)
+    observed, found, status = observe(desired, snapshot_path)
     local = None
     if snapshot_path:
         from sakeystate.snapshot import load_local
@@ -66,7 +69,7 @@ def _observe_plan(args: argparse.Namespace, desired: DesiredState) -> Plan:
         local = load_local(snapshot_path)
     if local is None:
         local = local_facts(desired)
-    return plan(desired, observed, found, _at(args.at), args.allow_removals, local)
+    return plan(desired, observed, found, _at(args.at), args.allow_removals, local, status=status)
 
 
 _PRIORITY = {"error": "<3>", "warning": "<4>", "notice": "<5>"}
@@ -144,37 +147,124 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration(args: argparse.Namespace, name: str) -> float | None:
+    """A duration option in seconds (None when not given), its name in the error."""
+    from sakeystate.state import parse_duration
+
+    text = getattr(args, name, None)
+    if text is None:
+        return None
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise SakeystateError(f"--{name.replace('_', '-')}: {exc}") from None
+
+
+def _restarter(desired: DesiredState, store: EtcdStore, stop: Stop) -> Restarter:
+    """This host's restart lifecycle; its record is planned afresh from etcd and disk."""
+    from sakeystate.apply import observe_and_plan
+    from sakeystate.restart import Restarter
+
+    return Restarter(desired, store, _now, lambda: observe_and_plan(desired, store, _now()), stop)
+
+
+def _stopped() -> Outcome:
+    from sakeystate.restart import Outcome
+
+    why = "stopped by a signal before the restart completed; the reload stays owed"
+    return Outcome(owed=True, message=why, failed=why)
+
+
+def _say_outcome(outcome: Outcome) -> None:
+    for warning in outcome.warnings:
+        say("warning", warning)
+    for failure in (outcome.failed, outcome.error):
+        if failure:
+            say("error", failure)
+
+
 def cmd_converge(args: argparse.Namespace) -> int:
+    from sakeystate import restart
     from sakeystate.apply import converge
-    from sakeystate.errors import Refused, ReloadFailed
+    from sakeystate.errors import Refused
     from sakeystate.etcd import EtcdStore
 
     desired = _load(args)
-    with EtcdStore(desired.etcd) as store:
+    who = restart.Who.CALLER if args.no_reload else restart.Who.RUN
+    lock_timeout = _duration(args, "lock_timeout")
+    stop = restart.Stop()
+    with EtcdStore(desired.etcd) as store, restart.on_signals(stop):
         try:
-            applied = converge(
-                desired, store, _now(), args.allow_removals, run_reload=not args.no_reload
-            )
+            applied = converge(desired, store, _now(), args.allow_removals, who)
         except Refused as exc:
-            # Nothing was written: show what would have been, and why it was refused.
-            _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)])
+            # Nothing was written: show what would have been, and why it was refused
+            # (a restart owed from before is still owed).
+            owed = restart.pending(desired.bundle)
+            _report(exc.plan, args, "Refused", changed=False, errors=[str(exc)], owed=owed)
             _record_metrics(args, "refused", exc.plan)
-            raise
-        except ReloadFailed as exc:
-            # etcd and the bundle were converged; only the reload is still owed.
-            if exc.plan is not None:
-                _report(exc.plan, args, "Converged, reload failed", errors=[str(exc)])
-            _record_metrics(args, "error", exc.plan)
             raise
         except SakeystateError:
             _record_metrics(args, "error")
             raise
-    _report(applied, args, "Converged")
-    reloaded = applied.reload is not None and not args.no_reload and bool(desired.bundle.reload)
-    _record_metrics(args, "changed" if applied.changed else "unchanged", applied, reloaded)
-    if args.detailed_exitcode and applied.changed:
+        try:
+            outcome = restart.settle(
+                _restarter(desired, store, stop), applied.owed, who, lock_timeout
+            )
+        except restart.StopRequested:
+            outcome = _stopped()
+        except SakeystateError as exc:  # the local lock, the marker: still owed
+            outcome = restart.Outcome(owed=True, message=str(exc), failed=str(exc))
+    if applied.record_error:
+        outcome = replace(outcome, error=applied.record_error)
+    failures = [f for f in (outcome.failed, outcome.error) if f]
+    _report(applied.plan, args, "Converged", errors=failures or None, restart=outcome)
+    _say_outcome(outcome)
+    result = "error" if failures else "changed" if applied.plan.changed else "unchanged"
+    _record_metrics(args, result, applied.plan, outcome)
+    if failures:
+        return EXIT_ERROR
+    if args.detailed_exitcode and applied.plan.changed:
         return EXIT_CHANGES
     return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Run the owed restart for a caller (an Ansible handler, a Puppet refresh), through
+    the same lifecycle as converge and watch: lock, command, check, record, marker."""
+    from sakeystate import restart
+    from sakeystate.bundle import PENDING_SUFFIX
+    from sakeystate.etcd import EtcdStore
+
+    desired = _load(args)
+    lock_timeout = _duration(args, "lock_timeout")
+    stop = restart.Stop()
+    if not restart.pending(desired.bundle):
+        outcome = restart.Outcome(message="no reload is owed; nothing was run")
+    elif not desired.bundle.reload:
+        why = (
+            f"a reload is owed ({desired.bundle.path}{PENDING_SUFFIX}) but no bundle.reload "
+            "is configured: restart kube-apiserver yourself, then run `sakeystate reload-done`"
+        )
+        outcome = restart.Outcome(owed=True, message=why, failed=why)
+    else:
+        with EtcdStore(desired.etcd) as store, restart.on_signals(stop):
+            try:
+                outcome = _restarter(desired, store, stop).run(lock_timeout)
+            except restart.StopRequested:
+                outcome = _stopped()
+            except SakeystateError as exc:  # the local lock, the marker: still owed
+                outcome = restart.Outcome(owed=True, message=str(exc), failed=str(exc))
+    failed = bool(outcome.failed or outcome.error)
+    message = outcome.message
+    if outcome.restarted:
+        waited = f" (after {outcome.lock_wait:.1f}s waiting for the reload lock)"
+        message = f"reloaded: {message}" + (waited if outcome.lock_wait else "")
+    if args.format == "json":
+        _json(changed=outcome.restarted, owed=outcome.owed, message=message)
+    elif not failed and not (args.quiet and not outcome.restarted):
+        print(message)
+    _say_outcome(outcome)
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -207,6 +297,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         from sakeystate.report import as_dict
 
         _json(**{**as_dict(current), "in_sync": not drift})
+    elif current.refusals and not args.quiet:
+        # Never "No changes" above an error saying that converge would be refused.
+        print(
+            f"Refused: converge would write nothing ({len(current.refusals)} "
+            "refusal(s), on stderr)."
+        )
     elif drift and not args.quiet:
         from sakeystate.report import summary
 
@@ -215,7 +311,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _record_metrics(
-    args: argparse.Namespace, result: str, plan: Plan | None = None, reloaded: bool = False
+    args: argparse.Namespace,
+    result: str,
+    plan: Plan | None = None,
+    restart: Outcome | None = None,
 ) -> None:
     """``--metrics-textfile``: this run's outcome added to the file's counters. Failing
     to write it is a warning: it never turns a converge or a check into a failure."""
@@ -224,7 +323,7 @@ def _record_metrics(
     from sakeystate.metrics import Metrics
 
     try:
-        Metrics(args.metrics_textfile).record(result, _now(), plan, reloaded)
+        Metrics(args.metrics_textfile).record(result, _now(), plan, restart)
     except Exception as exc:
         print(f"sakeystate: warning: metrics not written: {exc}", file=sys.stderr)
 
@@ -250,6 +349,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if durations["resync"] < 1:
         raise SakeystateError("--resync must be at least 1s")
     desired = _load(args)
+    if desired.host is None:
+        # Never a service that runs without knowing which host it is (it could write no
+        # status record, and systemd would call it active).
+        raise SakeystateError(
+            "cannot tell which control plane this is: the machine's name is not fully "
+            "qualified; pass --host FQDN (the shipped unit takes it from SAKEYSTATE_HOST "
+            "in /etc/default/sakeystate) or set host in the state file"
+        )
     metrics = None
     if args.metrics_textfile or args.metrics_listen:
         metrics = Metrics(args.metrics_textfile, args.metrics_listen)
@@ -257,6 +364,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
         args.state, args.host, durations["debounce"], durations["resync"], args.format, args.quiet
     )
     return Watcher(options, desired, metrics, _now).run()
+
+
+def cmd_signer(args: argparse.Namespace) -> int:
+    """Restart-free mode: converge like watch and serve kube-apiserver's ExternalJWTSigner
+    API on signer.socket (see sakeystate.signer)."""
+    from sakeystate import signer
+    from sakeystate.metrics import Metrics
+    from sakeystate.watch import Options
+
+    desired = _load(args)
+    metrics = None
+    if args.metrics_textfile or args.metrics_listen:
+        metrics = Metrics(args.metrics_textfile, args.metrics_listen)
+    options = Options(args.state, args.host, format=args.format, quiet=args.quiet)
+    return signer.run(options, desired, metrics, _now)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -281,15 +403,76 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_reload_done(args: argparse.Namespace) -> int:
-    from sakeystate.apply import reload_done
+    """The caller restarted kube-apiserver another way: clear the owed reload and write
+    the status record (with --wait-ready: once reload_check says it is up)."""
+    from sakeystate import restart
+    from sakeystate.apply import observe_and_plan
+    from sakeystate.etcd import EtcdStore
 
-    owed = reload_done(_load(args))
+    desired = _load(args)
+    stop = restart.Stop()
+    with EtcdStore(desired.etcd) as store, restart.on_signals(stop):
+        try:
+            if args.wait_ready:
+                restart.wait_ready(desired.bundle, stop)
+            owed = restart.confirm(
+                desired, store, _now, lambda: observe_and_plan(desired, store, _now())
+            )
+        except restart.StopRequested:
+            raise SakeystateError("stopped by a signal; nothing was confirmed") from None
     message = "owed reload confirmed and cleared" if owed else "no reload was owed"
     if args.format == "json":
         _json(changed=owed, message=message)
     elif not args.quiet:
         print(message)
     return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Operator-run: delete the etcd entries no host needs any more (R13). Hosts delete
+    only their own revoked entries; what retention retired, on any host, only this."""
+    from dataclasses import replace
+
+    from sakeystate.apply import local_facts, prune
+    from sakeystate.errors import Refused
+    from sakeystate.etcd import EtcdStore
+    from sakeystate.state import load_state
+
+    desired = load_state(args.state, None)
+    if args.etcd_user:
+        desired = replace(
+            desired,
+            etcd=replace(
+                desired.etcd, username=args.etcd_user, password_file=args.etcd_password_file
+            ),
+        )
+    only = args.host.lower().rstrip(".") if args.host else None
+    with EtcdStore(desired.etcd) as store:
+        try:
+            pruned = prune(
+                desired, store, _now(), local_facts(desired), only, args.allow_removals, args.check
+            )
+        except Refused as exc:
+            _prune_report(exc.plan, args, "Refused", [str(exc)])
+            raise
+    _prune_report(pruned, args, "Would prune" if args.check else "Pruned", [])
+    if args.check or args.detailed_exitcode:
+        return EXIT_CHANGES if pruned.changed else EXIT_OK
+    return EXIT_OK
+
+
+def _prune_report(plan: Plan, args: argparse.Namespace, verb: str, errors: list[str]) -> None:
+    from sakeystate.escape import for_terminal
+    from sakeystate.report import as_dict
+
+    if args.format == "json":
+        _json(**{k: v for k, v in as_dict(plan, errors=errors).items() if k != "version"})
+        return
+    for action in plan.actions:
+        host = action.host or "unknown host"
+        print(for_terminal(f"etcd   delete {action.key or ''} ({host}): {action.reason}"))
+    if not (args.quiet and not plan.changed):
+        print(f"{verb}: {len(plan.actions)} etcd entr{'y' if len(plan.actions) == 1 else 'ies'}.")
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -364,13 +547,12 @@ def cmd_verify_token(args: argparse.Namespace) -> int:
 
 
 def _fleet(args: argparse.Namespace, desired: DesiredState) -> FleetStatus:
-    from dataclasses import replace
-
     from sakeystate import bundle, fleet
     from sakeystate.apply import local_facts
     from sakeystate.etcd import EtcdStore
     from sakeystate.plan import plan
 
+    down_after = _duration(args, "down_after")
     with EtcdStore(desired.etcd) as store:
         observed = store.read(desired.etcd.prefix)
         statuses = store.read(desired.etcd.status_prefix)
@@ -378,8 +560,10 @@ def _fleet(args: argparse.Namespace, desired: DesiredState) -> FleetStatus:
     everyone = replace(desired, bundle=replace(desired.bundle, exclude_host=None))
     found = bundle.observe(desired.bundle)
     current = plan(everyone, observed, found, _at(args.at), True, local_facts(desired))
-    records = fleet.read_records(statuses, desired.etcd.status_prefix)
-    return fleet.fleet_status(current, desired.fleet, records, set(desired.revoked))
+    seen = fleet.read_seen(statuses, desired.etcd.status_prefix)
+    return fleet.fleet_status(
+        current, desired.fleet, seen, set(desired.revoked), down_after or fleet.DOWN_AFTER
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -395,14 +579,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     """Block on an etcd watch of the status records until the kid reached every fleet
-    host (or, with --absent, left every one); a timeout names the hosts that lag."""
+    host (or, with --absent, left every one); a timeout names the hosts that lag, and
+    whether each is lagging, unknown (no record) or down."""
     import time
 
     from sakeystate.apply import read_cert_file
     from sakeystate.etcd import EtcdStore, PrefixWatch
-    from sakeystate.fleet import reached, read_records
+    from sakeystate.fleet import DOWN_AFTER, read_seen, waiting_on
     from sakeystate.keys import normalize_fingerprint
-    from sakeystate.state import parse_duration
 
     desired = _load(args)
     if args.cert:
@@ -412,46 +596,62 @@ def cmd_wait(args: argparse.Namespace) -> int:
             kid = normalize_fingerprint(args.kid)
         except ValueError as exc:
             raise SakeystateError(f"--kid: {exc}") from None
-    try:
-        timeout = parse_duration(args.timeout).total_seconds()
-    except ValueError as exc:
-        raise SakeystateError(f"--timeout: {exc}") from None
+    timeout = _duration(args, "timeout") or 0.0
+    down_after = _duration(args, "down_after") or DOWN_AFTER
     hosts = desired.fleet
     if not hosts:
         raise SakeystateError("the fleet is empty: set fleet, trust_anchors or trusted hosts")
+    skip = frozenset(h.lower().rstrip(".") for h in args.skip)
+    strangers = sorted(skip - set(hosts))
+    if strangers:
+        raise SakeystateError(
+            f"--skip {', '.join(strangers)}: not in the fleet ({', '.join(hosts)})"
+        )
+    goal = "no fleet host verifies" if args.absent else "every fleet host verifies"
+    for host in sorted(skip):
+        say(
+            "notice",
+            f"--skip {host}: not waited for, as asked; it may not be true there that {goal} {kid}",
+        )
     prefix = desired.etcd.status_prefix
     deadline = time.monotonic() + timeout
-    goal = "no fleet host verifies" if args.absent else "every fleet host verifies"
     with EtcdStore(desired.etcd) as store:
         while True:
             statuses = store.read(prefix)
-            records = read_records(statuses, prefix)
-            lagging = reached(records, hosts, kid, args.absent)
-            if not lagging:
+            lags = waiting_on(
+                read_seen(statuses, prefix), hosts, kid, args.absent, _now(), down_after, skip
+            )
+            if all(lag.state == "skipped" for lag in lags):
+                skipped = [lag.host for lag in lags]
                 if args.format == "json":
-                    _json(reached=True, kid=kid, lagging=[])
+                    _json(reached=True, kid=kid, lagging=[], skipped=skipped)
                 elif not args.quiet:
-                    print(f"{goal} {kid} ({len(hosts)} host(s))")
+                    passed = f"; skipped: {', '.join(skipped)}" if skipped else ""
+                    print(f"{goal} {kid} ({len(hosts) - len(skipped)} host(s){passed})")
                 return EXIT_OK
             if time.monotonic() >= deadline:
-                return _wait_timed_out(args, kid, goal, lagging, records)
+                return _wait_timed_out(
+                    args, kid, goal, [lag for lag in lags if lag.state != "skipped"]
+                )
             with PrefixWatch(store, [prefix], statuses.revision + 1) as watch:
                 watch.wait(deadline - time.monotonic())
 
 
-def _wait_timed_out(
-    args: argparse.Namespace, kid: str, goal: str, lagging: list[str], records: dict[str, Any]
-) -> int:
-    from sakeystate.fleet import record_age
-
-    now = _now()
-    ages = {
-        h: (record_age(records[h], now) if h in records else "no status record") for h in lagging
-    }
+def _wait_timed_out(args: argparse.Namespace, kid: str, goal: str, lags: list[Lag]) -> int:
     if args.format == "json":
-        _json(reached=False, kid=kid, lagging=[{"host": h, "record": a} for h, a in ages.items()])
-    lagging_text = "; ".join(f"{h} ({a})" for h, a in ages.items())
-    say("error", f"timed out waiting until {goal} {kid}; lagging: {lagging_text}")
+        _json(
+            reached=False,
+            kid=kid,
+            lagging=[{"host": lag.host, "state": lag.state, "record": lag.detail} for lag in lags],
+        )
+    groups = []
+    for state in ("lagging", "unknown", "down"):
+        where = [f"{lag.host} ({lag.detail})" for lag in lags if lag.state == state]
+        if where:
+            groups.append(f"{state}: {'; '.join(where)}")
+    down = [lag.host for lag in lags if lag.state == "down"]
+    hint = f"; a host known to be down can be passed with --skip {down[0]}" if down else ""
+    say("error", f"timed out waiting until {goal} {kid}; {' / '.join(groups)}{hint}")
     return EXIT_ERROR
 
 
@@ -494,14 +694,45 @@ _EXITS = {
     ),
     "publish": "0 done (with --check: 0 already published, 2 would publish); 1 error",
     "reload-done": "0 cleared (or nothing owed), 1 error",
+    "prune": "0 done (with --check or --detailed-exitcode: 0 nothing to prune, 2 entries "
+    "deleted or to delete); 1 error or refusal",
+    "reload": (
+        "0 restarted (or nothing owed), 1 error (lock not obtained, restart or reload_check "
+        "failed, owed but no bundle.reload)"
+    ),
     "snapshot": "0, 1 error",
     "status": "0 all in order, 2 something lags or needs a person (each item on stdout), 1 error",
     "wait": "0 reached, 1 timed out (naming the hosts that lag) or error",
     "inspect": "0, 1 error",
-    "watch": "0 when stopped by SIGTERM or SIGINT; 1 when the state is invalid at start",
+    "watch": (
+        "0 when stopped by SIGTERM or SIGINT; 1 when the state is invalid at start or this "
+        "host's FQDN is unknown"
+    ),
+    "signer": (
+        "0 when stopped by SIGTERM or SIGINT; 1 when it cannot start (invalid state, no "
+        "signer section, a private key or socket refused)"
+    ),
     "adopt": "0, 1 error",
     "verify-token": "0 the token verifies now and after the plan, 1 not or error",
 }
+
+
+def _lock_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lock-timeout",
+        metavar="DURATION",
+        help="wait this long for the cluster's reload lock (default: reload_timeout x the "
+        "fleet's size); reload_timeout counts from when it is held",
+    )
+
+
+def _down_after(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--down-after",
+        metavar="DURATION",
+        help="a lagging host with no live watch whose record has not changed for this long "
+        "is reported as down (default 15m)",
+    )
 
 
 def _metrics_textfile(p: argparse.ArgumentParser) -> None:
@@ -610,8 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reload",
         action="store_true",
         help="leave the restart to the caller: the owed reload is reported (reload_needed) "
-        "until `sakeystate reload-done`",
+        "until `sakeystate reload` (or `reload-done`) performs or confirms it",
     )
+    _lock_timeout(p)
     p.set_defaults(func=cmd_converge)
     _metrics_textfile(p)
 
@@ -653,6 +885,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch)
 
     p = command(
+        "signer",
+        "restart-free mode: converge like watch and serve kube-apiserver's ExternalJWTSigner "
+        "API on signer.socket",
+        "FetchKeys serves the converged effective set plus this host's own key, Sign signs "
+        "with signer.private_key_file, Metadata states retention.max_token_lifetime. No "
+        "restart is ever run; the bundle, JWKS and status record are still written. "
+        "kube-apiserver runs with --service-account-signing-endpoint=<signer.socket>.",
+    )
+    common(p, read_only=False)
+    _metrics_textfile(p)
+    p.add_argument(
+        "--metrics-listen",
+        metavar="ADDR",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (or :PORT)",
+    )
+    p.set_defaults(func=cmd_signer)
+
+    p = command(
         "publish",
         "publish this host's certificate under its kid",
         "Never overwrites a different key; a same-key renewal keeps its Published time.",
@@ -672,10 +922,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "reload-done",
         "confirm that the caller restarted kube-apiserver",
-        "Clears the reload that converge --no-reload left owed.",
+        "Clears the reload that converge --no-reload left owed and writes the status "
+        "record for the bundle on disk. For callers that restart another way; "
+        "`sakeystate reload` restarts under the cluster's lock instead.",
     )
     common(p, read_only=False)
+    p.add_argument(
+        "--wait-ready",
+        action="store_true",
+        help="first poll bundle.reload_check until it succeeds (within reload_timeout): "
+        "for the boot unit, after kube-apiserver started",
+    )
     p.set_defaults(func=cmd_reload_done)
+
+    p = command(
+        "prune",
+        "delete etcd entries no host needs any more (operator-run)",
+        "Revoked keys, keys retention retired (superseded past superseded_grace, "
+        "decommissioned hosts past max_token_lifetime), flat or legacy copies already moved "
+        "to their host's path, status records of hosts outside the fleet. Hosts never "
+        "delete each other's entries: this does, planned and refused like converge.",
+    )
+    p.add_argument(
+        "--state",
+        default=DEFAULT_STATE,
+        metavar="FILE",
+        help=f"desired-state YAML file (default {DEFAULT_STATE})",
+    )
+    p.add_argument("--host", metavar="FQDN", help="prune only this host's entries")
+    p.add_argument("--check", action="store_true", help="write nothing: exit 2 if it would")
+    p.add_argument(
+        "--detailed-exitcode", action="store_true", help="exit 0 nothing pruned, 2 pruned"
+    )
+    p.add_argument(
+        "--allow-removals",
+        action="store_true",
+        help="allow deleting more than retention.max_removals trusted keys",
+    )
+    p.add_argument("--etcd-user", metavar="NAME", help="the operator's etcd user (not the host's)")
+    p.add_argument("--etcd-password-file", metavar="FILE", help="file holding that user's password")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when nothing changed")
+    p.add_argument("--at", action=_RefuseAt, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_prune)
+
+    p = command(
+        "reload",
+        "run the owed kube-apiserver restart under the cluster's reload lock",
+        "For Ansible handlers and Puppet refreshes: the lock, bundle.reload, reload_check, "
+        "the status record and the owed marker, as converge and watch do. Nothing owed: "
+        "nothing is run.",
+    )
+    common(p, read_only=False)
+    _lock_timeout(p)
+    p.set_defaults(func=cmd_reload)
 
     p = command(
         "status",
@@ -683,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
         "One read of the key prefix and the status prefix; what monitoring runs.",
     )
     common(p)
+    _down_after(p)
     p.set_defaults(func=cmd_status)
 
     p = command(
@@ -693,10 +994,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, read_only=False)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--kid", metavar="KID", help="the key's kid (or sha256:<hex>)")
+    which.add_argument(
+        "--kid",
+        metavar="KID",
+        help="the key's kid (or sha256:<hex>); a kid that begins with - works as it is "
+        "(--kid -Xy... or --kid=-Xy...)",
+    )
     which.add_argument("--cert", metavar="FILE", help="the key's certificate (chained is fine)")
-    p.add_argument("--absent", action="store_true", help="wait until no fleet host verifies it")
+    p.add_argument(
+        "--absent",
+        action="store_true",
+        help="wait until no fleet host verifies it (a host without a record is unknown, "
+        "never absent)",
+    )
     p.add_argument("--timeout", default="10m", metavar="DURATION", help="default 10m")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="do not wait for this fleet host (one known to be down; logged); repeatable",
+    )
+    _down_after(p)
     p.set_defaults(func=cmd_wait)
 
     p = command(
@@ -786,8 +1105,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is a kid: base64url, so about one kid in 64 begins with "-".
+_KID_OPTIONS = frozenset({"--kid"})
+
+
+def _kid_values(argv: list[str]) -> list[str]:
+    """``--kid -Xy...`` as ``--kid=-Xy...``, which argparse would read as an option."""
+    import re
+
+    out: list[str] = []
+    pending = False
+    for arg in argv:
+        if pending and re.fullmatch(r"-[A-Za-z0-9_-]{42}", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+        pending = arg in _KID_OPTIONS
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_kid_values(sys.argv[1:] if argv is None else argv))
     failed = CHECK_DRIFT if args.command == "check" else EXIT_ERROR
     try:
         code: int = args.func(args)

@@ -29,6 +29,10 @@ class EtcdError(SakeystateError):
     """etcd is unreachable, timed out, refused us, or changed under us."""
 
 
+class PermissionDenied(EtcdError):
+    """etcd's RBAC refused the call (a grant is missing)."""
+
+
 class BundleError(SakeystateError):
     """The bundle file (or its lock / marker) cannot be read or written safely."""
 

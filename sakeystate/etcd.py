@@ -1,49 +1,49 @@
-"""The only code that talks to etcd.
+"""The only code that talks to etcd: one client for every call, watches and leases included.
 
-A run reads the whole prefix once (paginated, pinned to one revision), and
-writes only through transactions whose compares are the revisions it read.
-Each operation has one deadline, the configured timeout, shared by every
-endpoint it tries: an etcd without quorum makes a run fail within the timeout,
-not a multiple of it. Passwords are read from their file and never printed.
+Every call, unary or stream, goes through ``EtcdStore._call``: one deadline (the
+configured timeout) shared by every endpoint it tries, endpoint rotation, the auth
+token as plain metadata (gRPC refuses call credentials on plain http; metadata works
+on both), the token renewed before it goes stale and once more when etcd says it is
+invalid, the cluster ID of every response header compared with the first one seen,
+and one error mapping: only ``EtcdError`` (and its subclasses) ever leaves this
+module, and its message names the operation, the key or prefix, the endpoint and
+the etcd user, and for a permission error the grant that is missing.
+
+The channels are built here from grpc and the generated etcd stubs that
+python3-etcd3 ships (``etcd3.etcdrpc``); none of that library's client, watch, lock
+or lease classes is used: their own failover state, exceptions and call credentials
+were where three confirmed defects came from.
+
+A run reads the whole prefix once (paginated, pinned to one revision), and writes
+only through transactions whose compares are the revisions it read. Passwords are
+read from their file and never printed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import json
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import etcd3
-import etcd3.watch
 import grpc
 from etcd3 import etcdrpc
 
-from sakeystate.errors import EtcdError
+from sakeystate.errors import EtcdError, PermissionDenied
 from sakeystate.model import Delete, EtcdEntry, EtcdObservation, EtcdOp, Guard, Put
 from sakeystate.state import EtcdConfig
 
 T = TypeVar("T")
 
-
-class _Six:
-    """python3-etcd3 0.13.0's watch thread tells its callbacks that the stream broke
-    through ``six.itervalues``, but never imports ``six``: the thread dies with a
-    NameError and a watch whose member went away silently stops delivering. This
-    one function is all it uses."""
-
-    @staticmethod
-    def itervalues(mapping: dict[Any, Any]) -> Any:
-        return iter(mapping.values())
-
-
-if not hasattr(etcd3.watch, "six"):
-    etcd3.watch.six = _Six
 # Keys per range page. A page larger than the gRPC message limit is halved and
 # retried, so values of any size still read; a no-op check of up to this many
 # keys is exactly one range request.
@@ -58,9 +58,24 @@ MAX_TXN_OPS = 128
 # etcd's default --max-request-bytes is 1.5 MiB; a transaction's keys and values
 # stay under this, leaving room for the compares and the request's framing.
 MAX_TXN_BYTES = 1024 * 1024
-_RETRY_ON_NEXT_ENDPOINT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Pause between rounds over all endpoints when none of them could answer.
 RETRY_PAUSE = 0.1
+# etcd's simple tokens expire after --auth-token-ttl (default 300 s) without use; a
+# token unused for this long, or older than TOKEN_MAX_AGE, is replaced before the
+# next call. A server with a shorter TTL answers "invalid auth token": renewed once
+# and the call retried. A JWT token is renewed before the expiry it carries.
+TOKEN_IDLE = 60.0
+TOKEN_MAX_AGE = 240.0
+# A watch that heard nothing for WATCH_PROGRESS_IDLE asks its member for a progress
+# notification; no answer within WATCH_STALLED means the stream is stalled (a
+# member whose TCP connection hangs delivers nothing and says nothing).
+WATCH_PROGRESS_IDLE = 2.0
+WATCH_STALLED = 3.0
+
+_RETRY_ON_NEXT_ENDPOINT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_INVALID_TOKEN = ("invalid auth token", "auth store is old")
+RBAC_DOC = "docs/etcd-rbac.md"
+_STATUS = etcdrpc.StatusRequest()
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -72,6 +87,17 @@ def prefix_range_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"
+
+
+class ClusterMismatch(EtcdError):
+    """Two endpoints answered with different cluster IDs: two different etcd clusters."""
+
+
+class WatchCompacted(EtcdError):
+    """The revision a watch started from was compacted: read everything again."""
+
+
+# --- endpoints and connections ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -98,8 +124,128 @@ def _parse_endpoint(url: str) -> _Endpoint:
     return _Endpoint(url.rstrip("/"), host, port, parts.scheme == "https")
 
 
+class _Connection:
+    """One gRPC channel to one endpoint, with the etcd service stubs on it."""
+
+    def __init__(self, endpoint: _Endpoint, config: EtcdConfig) -> None:
+        self.endpoint = endpoint
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.enable_retries", 0),
+            # A channel of its own: gRPC's global subchannel pool would hand a new
+            # channel the old one's connection, still backing off after a member restart.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        target = f"{endpoint.host}:{endpoint.port}"
+        if endpoint.secure:
+            if not config.ca_file:
+                raise EtcdError(f"{endpoint.url}: https endpoint needs etcd.tls.ca_file")
+            url = endpoint.url
+            credentials = grpc.ssl_channel_credentials(
+                _read_tls(config.ca_file, "etcd.tls.ca_file", url),
+                _read_tls(config.key_file, "etcd.tls.key_file", url) if config.key_file else None,
+                _read_tls(config.cert_file, "etcd.tls.cert_file", url)
+                if config.cert_file
+                else None,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.kv = etcdrpc.KVStub(self.channel)
+        self.watch = etcdrpc.WatchStub(self.channel)
+        self.lease = etcdrpc.LeaseStub(self.channel)
+        self.auth = etcdrpc.AuthStub(self.channel)
+        self.maintenance = etcdrpc.MaintenanceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _read_tls(path: str, setting: str, url: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise EtcdError(f"{url}: cannot read {setting} {path}: {exc.strerror}") from None
+
+
+# --- what a call touches, and the grant it needs ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Access:
+    """A key (or a prefix) a call reads or writes: named in errors, mapped to a grant."""
+
+    key: str
+    prefix: bool = False
+    write: bool = False
+
+
+def _grant(config: EtcdConfig, access: _Access) -> str:
+    """The grant of docs/etcd-rbac.md that covers ``access``."""
+    mode = "readwrite" if access.write else "read"
+    key = access.key
+    lock = config.reload_lock
+    if lock and (key == lock + "/" or key.startswith(lock + "/")):
+        rest = key[len(lock) + 1 :]
+        if access.write and "/" in rest:
+            host = rest.split("/", 1)[0]
+            return f"readwrite on the prefix {lock}/{host}/ (or on {lock}/)"
+        return f"{mode} on the prefix {lock}/"
+    for base in (config.prefix, config.status_prefix):
+        if key.startswith(base) and key != base:
+            rest = key[len(base) :]
+            if "/" in rest:
+                return f"{mode} on the prefix {base}{rest.split('/', 1)[0]}/"
+            return f"{mode} on the key {key}"
+    what = "prefix" if access.prefix else "key"
+    return f"{mode} on the {what} {key}"
+
+
+def _named(accesses: Sequence[_Access]) -> str:
+    keys = [a.key for a in accesses]
+    if len(keys) <= 3:
+        return ", ".join(keys)
+    return f"{', '.join(keys[:3])} and {len(keys) - 3} more"
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+class _Status(Exception):
+    """A gRPC status from somewhere other than a unary call (a watch's cancel reason, a
+    stream that ended): handled by ``_call`` exactly like an ``RpcError``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.status = code
+        self.text = details
+
+
+class _Expired(Exception):
+    """The call's share of the deadline ran out before a request could be sent."""
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, _Status):
+        return exc.status, exc.text
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code = exc.code()
+        details = exc.details() if hasattr(exc, "details") else ""
+        return code or grpc.StatusCode.UNKNOWN, (details or "").strip()
+    # A closed channel, a broken stream: the connection is unusable, try the next one.
+    return grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
+
+
 class EtcdStore:
-    """A session with one etcd cluster: read the prefix, apply guarded transactions."""
+    """A session with one etcd cluster: reads, guarded transactions, leases, watches.
+
+    Not thread-safe: a background thread (a lease's keepalive) gets a store of its own.
+    Creating a store never fails: a bad endpoint or an unreadable password file is
+    reported by the first call, as an EtcdError like any other etcd failure, so that a
+    caller (``watch`` after a state-file edit) handles it where it handles the rest.
+    """
 
     def __init__(
         self, config: EtcdConfig, page_size: int = PAGE_SIZE, max_read: int = MAX_READ_BYTES
@@ -107,19 +253,31 @@ class EtcdStore:
         self.config = config
         self.page_size = page_size
         self.max_read = max_read
-        self.endpoints = [_parse_endpoint(url) for url in config.endpoints]
-        self._clients: dict[str, Any] = {}
+        self.endpoints: list[_Endpoint] = []
+        self._problem: EtcdError | None = None
+        try:
+            self.endpoints = [_parse_endpoint(url) for url in config.endpoints]
+        except EtcdError as exc:
+            self._problem = exc
+        self._connections: dict[str, _Connection] = {}
         self._password: str | None = None
+        self._token: str | None = None
+        self._token_renew_at = 0.0
+        self._token_used = 0.0
+        # (cluster ID, the endpoint that first said so); endpoints whose ID matched.
+        self._cluster: tuple[int, str] | None = None
+        self._agreed: set[str] = set()
+        self._cluster_checked = False
+        self._cert_user: str | None = None
+        # Unary data requests sent (Range, Txn, lease calls), for tests and the benchmark.
         self.requests = 0
         # The revision of the latest read of each prefix: where a watch starts.
         self.revisions: dict[str, int] = {}
-        if config.username and config.password_file:
-            self._password = _read_password(config.password_file)
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
-        self._clients.clear()
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
 
     def __enter__(self) -> EtcdStore:
         return self
@@ -127,35 +285,157 @@ class EtcdStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _client(self, endpoint: _Endpoint, timeout: float) -> Any:
-        client = self._clients.get(endpoint.url)
-        if client is None:
-            if endpoint.secure and not self.config.ca_file:
-                raise EtcdError(f"{endpoint.url}: https endpoint needs etcd.tls.ca_file")
-            try:
-                client = etcd3.client(
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    ca_cert=self.config.ca_file if endpoint.secure else None,
-                    cert_key=self.config.key_file if endpoint.secure else None,
-                    cert_cert=self.config.cert_file if endpoint.secure else None,
-                    timeout=timeout,
-                    user=self.config.username if self._password is not None else None,
-                    password=self._password,
-                    grpc_options=[
-                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                        ("grpc.enable_retries", 0),
-                    ],
-                )
-            except OSError as exc:
-                raise EtcdError(
-                    f"{endpoint.url}: cannot read TLS file {exc.filename}: {exc.strerror}"
-                ) from None
-            self._clients[endpoint.url] = client
-        return client
+    # --- who we are ----------------------------------------------------------------
 
-    def _call(self, what: str, operation: Callable[[Any, float], T]) -> T:
-        """Run ``operation(client, deadline)`` on the first endpoint that answers in time.
+    @property
+    def _password_auth(self) -> bool:
+        return bool(self.config.username and self.config.password_file)
+
+    @property
+    def user(self) -> str | None:
+        """The etcd user calls run as: the configured username, or the common name of the
+        TLS client certificate (etcd's --client-cert-auth user), or None without auth."""
+        if self._password_auth:
+            return self.config.username
+        if self.config.cert_file and any(e.secure for e in self.endpoints):
+            if self._cert_user is None:
+                self._cert_user = _certificate_user(self.config.cert_file)
+            return self._cert_user
+        return None
+
+    def _as_user(self) -> str:
+        user = self.user
+        return f" as etcd user {user!r}" if user else ""
+
+    # --- connections and the token -------------------------------------------------
+
+    def _connection(self, endpoint: _Endpoint) -> _Connection:
+        connection = self._connections.get(endpoint.url)
+        if connection is None:
+            connection = _Connection(endpoint, self.config)
+            self._connections[endpoint.url] = connection
+        return connection
+
+    def _drop(self, endpoint: _Endpoint) -> None:
+        connection = self._connections.pop(endpoint.url, None)
+        if connection is not None:
+            connection.close()
+
+    def demote(self, endpoint: _Endpoint) -> None:
+        """Ask ``endpoint`` last from now on, on a new connection (it stalled)."""
+        self._drop(endpoint)
+        if endpoint in self.endpoints and len(self.endpoints) > 1:
+            self.endpoints.remove(endpoint)
+            self.endpoints.append(endpoint)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("token", self._token),) if self._token else None
+
+    def _authorize(self, connection: _Connection, deadline: float) -> None:
+        """A fresh auth token before a call, when password auth is configured."""
+        if not self._password_auth:
+            return
+        if self._token is not None and not self._token_stale():
+            return
+        if self.config.username == "self":
+            raise EtcdError(
+                "etcd.auth.username is self, but this host's name is unknown: pass --host "
+                "or set host in the state file"
+            )
+        if self._password is None:
+            assert self.config.password_file is not None
+            self._password = _read_password(self.config.password_file)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Expired()
+        request = etcdrpc.AuthenticateRequest(name=self.config.username, password=self._password)
+        try:
+            response = connection.auth.Authenticate(request, timeout=remaining)
+        except grpc.RpcError as exc:
+            code, details = _status_of(exc)
+            if code in _RETRY_ON_NEXT_ENDPOINT or "deadline exceeded" in details:
+                raise
+            raise EtcdError(
+                f"authenticating to etcd at {connection.endpoint.url} as etcd user "
+                f"{self.config.username!r} refused: {code.name}: {_short(details)}"
+            ) from None
+        self._note(response.header, connection.endpoint)
+        now = time.monotonic()
+        self._token = str(response.token)
+        self._token_used = now
+        self._token_renew_at = now + _token_lifetime(self._token)
+
+    def _token_stale(self) -> bool:
+        now = time.monotonic()
+        return now >= self._token_renew_at or now - self._token_used >= TOKEN_IDLE
+
+    # --- the cluster ID --------------------------------------------------------------
+
+    def _note(self, header: Any, endpoint: _Endpoint) -> None:
+        """Compare a response header's cluster ID with the first one this session saw."""
+        cluster_id = int(getattr(header, "cluster_id", 0) or 0)
+        if not cluster_id:
+            return
+        if self._cluster is None:
+            self._cluster = (cluster_id, endpoint.url)
+            self._agreed.add(endpoint.url)
+            return
+        known, first = self._cluster
+        if cluster_id != known:
+            raise ClusterMismatch(
+                f"the etcd endpoints belong to two different clusters: {first} is cluster "
+                f"{known:x}, {endpoint.url} is cluster {cluster_id:x}; etcd.endpoints must "
+                "list members of one cluster"
+            )
+        self._agreed.add(endpoint.url)
+
+    def check_cluster(self) -> None:
+        """Ask every endpoint not yet heard from for its cluster ID (once per session).
+
+        Long-lived sessions (watch, wait, the lock) call this when they start; a one-shot
+        run compares the response headers it gets anyway, at no extra cost. The
+        endpoints are asked at once (gRPC futures), so a hung one costs one timeout; an
+        endpoint that does not answer now is compared when it first answers.
+        """
+        if self._cluster_checked or self._problem is not None:
+            return
+        self._cluster_checked = True
+        if self._password_auth and self.endpoints:
+            # etcd 3.6 answers Status only with a valid token.
+            with contextlib.suppress(Exception):
+                deadline = time.monotonic() + self.config.timeout
+                self._authorize(self._connection(self.endpoints[0]), deadline)
+        asked = []
+        for endpoint in self.endpoints:
+            if endpoint.url in self._agreed:
+                continue
+            try:
+                status = self._connection(endpoint).maintenance.Status
+                call = status.future(
+                    _STATUS, timeout=self.config.timeout, metadata=self._metadata()
+                )
+            except Exception:  # a TLS file that cannot be read: the next call says so
+                continue
+            asked.append((endpoint, call))
+        for endpoint, call in asked:
+            try:
+                response = call.result()
+            except Exception:  # not answering now (or refusing us): compared when it
+                self._drop(endpoint)  # first answers a call, which reports its refusal
+                continue
+            self._note(response.header, endpoint)
+
+    # --- calls -----------------------------------------------------------------------
+
+    def _call(
+        self,
+        what: str,
+        operation: Callable[[_Connection, float], T],
+        accesses: Sequence[_Access] = (),
+        timeout: float | None = None,
+        write: bool = False,
+    ) -> T:
+        """Run ``operation(connection, deadline)`` on the first endpoint that answers in time.
 
         Endpoints are tried in turn, round after round, until the deadline: while a
         member is down the others may answer "leader changed" or "no leader" for the
@@ -165,42 +445,61 @@ class EtcdStore:
         disk, cut off from its peers) cannot use up the whole deadline when the
         others could answer. Retrying a transaction is safe: it is guarded, so one
         that did apply before its answer was lost fails its compare and the caller
-        re-reads.
+        re-reads. An invalid auth token is renewed and the call retried once.
         """
-        deadline = time.monotonic() + self.config.timeout
+        if self._problem is not None:
+            raise EtcdError(str(self._problem))
+        limit = self.config.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         failures: dict[str, str] = {}
+        renewed = False
         while True:
-            for position, endpoint in enumerate(self.endpoints):
+            position = 0
+            while position < len(self.endpoints):
+                endpoint = self.endpoints[position]
                 now = time.monotonic()
                 if now >= deadline:
                     failures.setdefault(endpoint.url, "not tried, time was up")
+                    position += 1
                     continue
                 share = now + (deadline - now) / (len(self.endpoints) - position)
                 try:
-                    client = self._client(endpoint, max(0.001, share - now))
-                    result = operation(client, share)
-                except _Expired:
+                    connection = self._connection(endpoint)
+                    self._authorize(connection, share)
+                    if write and self._cluster is not None and endpoint.url not in self._agreed:
+                        # Never write to a member of another cluster: ask it first.
+                        self._rpc(connection, "maintenance", "Status", _STATUS, share)
+                    result = operation(connection, share)
+                except (EtcdError, _Expired) as exc:
+                    if isinstance(exc, EtcdError):
+                        raise
                     self._drop(endpoint)
                     failures[endpoint.url] = "timed out (between requests)"
+                    position += 1
                     continue
-                except grpc.RpcError as exc:
-                    code, details = exc.code(), (exc.details() or "").strip()
-                    self._drop(endpoint)
+                except Exception as exc:
+                    code, details = _status_of(exc)
+                    if self._password_auth and not renewed and _invalid_token(code, details):
+                        renewed = True
+                        self._token = None
+                        continue  # the same endpoint, with a new token
                     if "context deadline exceeded" in details:
                         # A member without quorum gives up with our own deadline and
                         # says so as UNKNOWN: that is a timeout, not a refusal.
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    if code in _RETRY_ON_NEXT_ENDPOINT:
+                    if code in _RETRY_ON_NEXT_ENDPOINT or "too many requests" in details:
+                        self._drop(endpoint)
                         label = (
                             "timed out"
                             if code == grpc.StatusCode.DEADLINE_EXCEEDED
                             else "unavailable"
                         )
                         failures[endpoint.url] = f"{label} ({_short(details)})"
+                        position += 1
                         continue
-                    raise EtcdError(
-                        f"{what} refused by {endpoint.url}: {code.name}: {_short(details)}"
-                    ) from None
+                    raise self._refusal(what, endpoint, code, details, accesses) from None
+                # etcd's simple tokens live on for their TTL after each use.
+                self._token_used = time.monotonic()
                 if position:
                     # Ask the member that answered first next time: a hung member
                     # then costs its share once per run, not once per request.
@@ -211,31 +510,69 @@ class EtcdStore:
                 break
             time.sleep(min(RETRY_PAUSE, remaining))
         raise EtcdError(
-            f"{what} failed within the {self.config.timeout:g}s timeout: "
+            f"{what} failed within the {limit:g}s timeout: "
             + "; ".join(f"{url}: {why}" for url, why in failures.items())
         )
 
-    def _drop(self, endpoint: _Endpoint) -> None:
-        client = self._clients.pop(endpoint.url, None)
-        if client is not None:
-            client.close()
+    def _refusal(
+        self,
+        what: str,
+        endpoint: _Endpoint,
+        code: grpc.StatusCode,
+        details: str,
+        accesses: Sequence[_Access],
+    ) -> EtcdError:
+        text = f"{what} refused by {endpoint.url}{self._as_user()}: {code.name}: {_short(details)}"
+        if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+            grants = list(dict.fromkeys(_grant(self.config, a) for a in accesses))
+            if grants:
+                who = "that user" if self.user else "the etcd user"
+                text += f"; {who} needs {' and '.join(grants)} (see {RBAC_DOC})"
+            return PermissionDenied(text)
+        if "user name is empty" in details:
+            text += (
+                "; this etcd has authentication enabled: set etcd.auth (username and "
+                "password_file) or a TLS client certificate"
+            )
+        if _invalid_token(code, details):
+            text += "; a new auth token was refused too"
+        return EtcdError(text)
 
-    def _rpc(self, client: Any, stub: str, method: str, request: Any, deadline: float) -> Any:
+    def _rpc(
+        self, connection: _Connection, stub: str, method: str, request: Any, deadline: float
+    ) -> Any:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Expired()
         self.requests += 1
-        call = getattr(getattr(client, stub), method)
-        # The auth token travels as plain metadata: gRPC refuses call credentials on a
-        # plain-http channel, and the token metadata works on both kinds.
-        return call(request, remaining, metadata=client.metadata)
+        call = getattr(getattr(connection, stub), method)
+        response = call(request, timeout=remaining, metadata=self._metadata())
+        self._note(response.header, connection.endpoint)
+        return response
+
+    def _guarded(
+        self,
+        what: str,
+        operation: Callable[[_Connection, float], T],
+        accesses: Sequence[_Access] = (),
+        timeout: float | None = None,
+        write: bool = False,
+    ) -> T:
+        try:
+            return self._call(what, operation, accesses, timeout, write)
+        except _Expired:
+            raise EtcdError(
+                f"{what}: no answer within the {self.config.timeout:g}s timeout"
+            ) from None
+
+    # --- reads and writes ------------------------------------------------------------
 
     def read(self, prefix: str) -> EtcdObservation:
         """Every key under ``prefix`` at one revision, page by page."""
         start_key = prefix.encode()
         end_key = prefix_range_end(start_key)
 
-        def operation(client: Any, deadline: float) -> EtcdObservation:
+        def operation(connection: _Connection, deadline: float) -> EtcdObservation:
             entries: list[EtcdEntry] = []
             revision = 0
             start = start_key
@@ -246,7 +583,7 @@ class EtcdStore:
                     key=start, range_end=end_key, limit=limit, revision=revision
                 )
                 try:
-                    response = self._rpc(client, "kvstub", "Range", request, deadline)
+                    response = self._rpc(connection, "kv", "Range", request, deadline)
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
                         limit = max(1, limit // 2)
@@ -275,22 +612,25 @@ class EtcdStore:
                     return EtcdObservation(prefix, revision, tuple(entries))
                 start = response.kvs[-1].key + b"\0"
 
-        observed = self._guarded(f"reading {prefix} from etcd", operation)
+        observed = self._guarded(
+            f"reading {prefix} from etcd", operation, [_Access(prefix, prefix=True)]
+        )
         self.revisions[prefix] = observed.revision
         return observed
 
     def get(self, key: str) -> EtcdEntry | None:
-        def operation(client: Any, deadline: float) -> EtcdEntry | None:
+        def operation(connection: _Connection, deadline: float) -> EtcdEntry | None:
             request = etcdrpc.RangeRequest(key=key.encode())
-            response = self._rpc(client, "kvstub", "Range", request, deadline)
+            response = self._rpc(connection, "kv", "Range", request, deadline)
             for kv in response.kvs:
                 return EtcdEntry(key, kv.value, kv.mod_revision, kv.create_revision)
             return None
 
-        return self._guarded(f"reading {key} from etcd", operation)
+        return self._guarded(f"reading {key} from etcd", operation, [_Access(key)])
 
     def transaction(self, guards: Iterable[Guard], writes: Iterable[EtcdOp]) -> bool:
         """Apply ``writes`` only if every guard still holds. False: something moved."""
+        guards, writes = list(guards), list(writes)
         compare = [
             etcdrpc.Compare(
                 key=g.key.encode(),
@@ -306,23 +646,85 @@ class EtcdStore:
                 f"transaction of {len(success)} writes exceeds {MAX_TXN_OPS} operations"
             )
         request = etcdrpc.TxnRequest(compare=compare, success=success, failure=[])
+        written = {op.key for op in writes}
+        accesses = [_Access(op.key, write=True) for op in writes] + [
+            _Access(g.key) for g in guards if g.key not in written
+        ]
 
-        def operation(client: Any, deadline: float) -> bool:
-            return bool(self._rpc(client, "kvstub", "Txn", request, deadline).succeeded)
+        def operation(connection: _Connection, deadline: float) -> bool:
+            return bool(self._rpc(connection, "kv", "Txn", request, deadline).succeeded)
 
-        return self._guarded("writing to etcd", operation)
+        what = f"writing {_named(accesses)} to etcd" if accesses else "writing to etcd"
+        return self._guarded(what, operation, accesses, write=True)
 
-    def _guarded(self, what: str, operation: Callable[[Any, float], T]) -> T:
-        try:
-            return self._call(what, operation)
-        except _Expired:
-            raise EtcdError(
-                f"{what}: no answer within the {self.config.timeout:g}s timeout"
-            ) from None
+    # --- leases ----------------------------------------------------------------------
 
+    def grant_lease(self, ttl: int, what: str) -> int:
+        """A new lease of ``ttl`` seconds; its ID."""
+        request = etcdrpc.LeaseGrantRequest(TTL=ttl)
 
-class _Expired(Exception):
-    pass
+        def operation(connection: _Connection, deadline: float) -> int:
+            response = self._rpc(connection, "lease", "LeaseGrant", request, deadline)
+            if response.error:
+                raise _Status(grpc.StatusCode.UNKNOWN, str(response.error))
+            return int(response.ID)
+
+        return self._guarded(f"{what}: granting a lease", operation, write=True)
+
+    def keepalive(self, lease: int, what: str, timeout: float | None = None) -> int:
+        """Refresh ``lease``; its remaining TTL (0: it expired or was revoked)."""
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
+
+        def operation(connection: _Connection, deadline: float) -> int:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Expired()
+            self.requests += 1
+            call = connection.lease.LeaseKeepAlive(
+                iter([request]), timeout=remaining, metadata=self._metadata()
+            )
+            try:
+                for response in call:
+                    self._note(response.header, connection.endpoint)
+                    return int(response.TTL)
+            finally:
+                call.cancel()
+            raise _Status(grpc.StatusCode.UNAVAILABLE, "the keepalive stream ended unanswered")
+
+        return self._guarded(f"{what}: refreshing lease {lease:x}", operation, timeout=timeout)
+
+    def revoke_lease(self, lease: int, what: str) -> None:
+        """Revoke ``lease`` (etcd deletes every key attached to it); a lease that is
+        already gone is no error."""
+        request = etcdrpc.LeaseRevokeRequest(ID=lease)
+
+        def operation(connection: _Connection, deadline: float) -> None:
+            try:
+                self._rpc(connection, "lease", "LeaseRevoke", request, deadline)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+        self._guarded(f"{what}: revoking lease {lease:x}", operation)
+
+    def put_leased(self, key: str, value: bytes, lease: int, what: str) -> int:
+        """Put ``key`` attached to ``lease``; the revision of the put."""
+        request = etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease)
+
+        def operation(connection: _Connection, deadline: float) -> int:
+            return int(self._rpc(connection, "kv", "Put", request, deadline).header.revision)
+
+        return self._guarded(
+            f"{what}: writing {key}", operation, [_Access(key, write=True)], write=True
+        )
+
+    def txn(self, what: str, request: Any, accesses: Sequence[_Access]) -> Any:
+        """A raw transaction (the lock's recipe); its response."""
+
+        def operation(connection: _Connection, deadline: float) -> Any:
+            return self._rpc(connection, "kv", "Txn", request, deadline)
+
+        return self._guarded(what, operation, accesses, write=True)
 
 
 def _request_op(op: EtcdOp) -> Any:
@@ -385,88 +787,351 @@ def _read_password(path: str) -> str:
     return password
 
 
+def _certificate_user(path: str) -> str:
+    """The common name of the client certificate: the user etcd's --client-cert-auth
+    sees. Only for messages; a certificate that cannot be read is named by its path."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        with open(path, "rb") as handle:
+            certificate = x509.load_pem_x509_certificate(handle.read())
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (OSError, ValueError):
+        return f"the certificate {path}"
+    return str(names[0].value) if names else f"the certificate {path}"
+
+
+def _is_jwt(token: str) -> bool:
+    return token.count(".") == 2
+
+
+def _token_lifetime(token: str) -> float:
+    """Seconds until a new token is replaced: before the ``exp`` a JWT token carries
+    (by a fifth of its lifetime), else ``TOKEN_MAX_AGE``."""
+    if not _is_jwt(token):
+        return TOKEN_MAX_AGE
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        left = float(claims["exp"]) - time.time()
+        lifetime = float(claims["exp"]) - float(claims.get("iat", time.time()))
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        return TOKEN_MAX_AGE
+    return max(0.5, min(TOKEN_MAX_AGE, left - max(1.0, lifetime / 5)))
+
+
+def _invalid_token(code: grpc.StatusCode, details: str) -> bool:
+    return code == grpc.StatusCode.UNAUTHENTICATED or any(s in details for s in _INVALID_TOKEN)
+
+
 def _short(details: str) -> str:
     return details.splitlines()[0][:200] if details else "no details"
 
 
-class WatchCompacted(EtcdError):
-    """The revision a watch started from was compacted: read everything again."""
+# --- watches -----------------------------------------------------------------------------
+
+
+class _Ended:
+    """What the reader thread puts last: the stream's error, or None when it just ended."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+def _requests(pending: queue.Queue[Any]) -> Iterator[Any]:
+    """The request side of a watch stream: whatever is queued, until None."""
+    while True:
+        item = pending.get()
+        if item is None:
+            return
+        yield item
+
+
+def _read_stream(call: Any, into: queue.Queue[Any]) -> None:
+    try:
+        for response in call:
+            into.put(response)
+        into.put(_Ended(None))
+    except Exception as exc:  # the stream's RpcError, or a channel closed under it
+        into.put(_Ended(exc))
+
+
+class _WatchStream:
+    """One ``Watch`` stream on one endpoint, its responses read by a daemon thread.
+
+    Cancelling the call (``close``) never waits for the stream: a stalled member cannot
+    block it. Nothing but the reader thread touches the gRPC iterator.
+    """
+
+    def __init__(self, connection: _Connection, metadata: Any, creates: list[Any]) -> None:
+        self.connection = connection
+        self.pending: queue.Queue[Any] = queue.Queue()
+        self.responses: queue.Queue[Any] = queue.Queue()
+        for create in creates:
+            self.pending.put(etcdrpc.WatchRequest(create_request=create))
+        self.call = connection.watch.Watch(_requests(self.pending), metadata=metadata)
+        self.reader = threading.Thread(
+            target=_read_stream, args=(self.call, self.responses), daemon=True, name="etcd-watch"
+        )
+        self.reader.start()
+
+    def progress(self) -> None:
+        self.pending.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
+
+    def close(self) -> None:
+        self.pending.put(None)
+        with contextlib.suppress(Exception):
+            self.call.cancel()
 
 
 class PrefixWatch:
-    """Changes under some prefixes after a revision, as etcd's watch delivers them.
+    """Changes under some prefixes (or exact keys) after a revision, as etcd delivers them.
 
-    One gRPC watch stream per prefix on one endpoint. ``wait`` blocks until
-    something changed (returns the newest revision seen), the timeout passed
-    (None), or the watch failed (EtcdError; WatchCompacted when the start revision
-    was compacted): the caller then reads again and starts a new watch, which is
-    how an endpoint that died is replaced.
+    One raw ``Watch`` stream on one endpoint, started through ``EtcdStore._call`` (its
+    deadline, rotation, token and error mapping): the stream is open once etcd
+    answered ``created`` for every range within the deadline. ``wait`` blocks until
+    something changed (returns the newest revision seen), the timeout passed (None),
+    or the watch failed (EtcdError; WatchCompacted when the revision to continue from
+    was compacted): the caller then reads again and starts a new watch.
+
+    A stream that breaks, or goes quiet and does not answer a progress request
+    either (a member whose network hangs, or frozen), is resumed on the next endpoint
+    from the revision after the last event it delivered, as etcd's own client does;
+    only when that fails too, or keeps failing without delivering anything, does
+    ``wait`` raise. Each range is watched from one revision before the one asked for
+    (its events filtered out here): etcd 3.6 answers no progress request for a watch
+    whose start revision is still in the future.
     """
 
-    def __init__(self, store: EtcdStore, prefixes: Iterable[str], start_revision: int) -> None:
-        self._events: queue.Queue[Any] = queue.Queue()
-        self._client: Any = None
-        self._ids: list[Any] = []
+    def __init__(
+        self,
+        store: EtcdStore,
+        prefixes: Iterable[str],
+        start_revision: int,
+        *,
+        exact: bool = False,
+        deletes_only: bool = False,
+    ) -> None:
+        self._store = store
+        self._stream: _WatchStream | None = None
+        self._early: list[Any] = []
+        self._heard = time.monotonic()
+        self._asked: float | None = None
+        self._keys = list(prefixes)
+        self._exact = exact
+        self._filters = [etcdrpc.WatchCreateRequest.NOPUT] if deletes_only else []
+        # Per range: the first revision not yet delivered; watch IDs -> range.
+        self._next = [start_revision for _ in self._keys]
+        self._ranges: dict[int, int] = {}
+        self._resumes = 0
+        self._what = f"watching {', '.join(self._keys)} in etcd"
+        self._accesses = [_Access(key, prefix=not exact) for key in self._keys]
+        store.check_cluster()
+        self._open()
 
-        def operation(client: Any, _deadline: float) -> Any:
-            for prefix in prefixes:
-                self._ids.append(
-                    client.add_watch_prefix_callback(
-                        prefix, self._events.put, start_revision=start_revision
-                    )
-                )
-            return client
+    def _creates(self) -> list[Any]:
+        return [
+            etcdrpc.WatchCreateRequest(
+                key=key.encode(),
+                range_end=b"" if self._exact else prefix_range_end(key.encode()),
+                start_revision=max(1, self._next[index] - 1),
+                filters=self._filters,
+            )
+            for index, key in enumerate(self._keys)
+        ]
 
-        try:
-            self._client = store._guarded("starting an etcd watch", operation)
-        except etcd3.exceptions.Etcd3Exception as exc:
-            self.close()
-            raise EtcdError(f"starting an etcd watch: {type(exc).__name__}") from None
+    def _open(self) -> None:
+        store = self._store
+        retried = False
+        while True:
+            creates = self._creates()
+            try:
+                store._guarded(self._what, self._starter(creates), self._accesses)
+                return
+            except WatchCompacted:
+                self.close()
+                raise
+            except EtcdError as exc:
+                self.close()
+                # etcd 3.4 cancels a watch whose stream carried a stale token with
+                # "permission denied": one more try with a new token tells them apart.
+                if retried or not store._password_auth or "permission denied" not in str(exc):
+                    raise
+                retried = True
+                store._token = None
+
+    def _starter(self, creates: list[Any]) -> Callable[[_Connection, float], None]:
+        return lambda connection, deadline: self._start(connection, deadline, creates)
+
+    def _start(self, connection: _Connection, deadline: float, creates: list[Any]) -> None:
+        if self._stream is not None:  # an earlier endpoint's attempt
+            self._stream.close()
+        stream = self._stream = _WatchStream(connection, self._store._metadata(), creates)
+        self._early = []
+        self._ranges = {}
+        while len(self._ranges) < len(creates):
+            remaining = deadline - time.monotonic()
+            try:
+                item = stream.responses.get(timeout=max(0.0, remaining))
+            except queue.Empty:
+                stream.close()
+                raise _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to the watch") from None
+            if isinstance(item, _Ended):
+                stream.close()
+                if item.error is not None:
+                    raise item.error
+                raise _Status(grpc.StatusCode.UNAVAILABLE, "the watch stream ended at once")
+            self._store._note(item.header, connection.endpoint)
+            if item.canceled:
+                stream.close()
+                self._cancelled(item)
+            if item.created:
+                self._ranges[int(item.watch_id)] = len(self._ranges)
+            if item.events:
+                self._early.append(item)
+        self._heard, self._asked = time.monotonic(), None
+
+    def _cancelled(self, item: Any) -> None:
+        if item.compact_revision:
+            raise WatchCompacted(
+                f"etcd compacted the watched revision (now {item.compact_revision})"
+            )
+        reason = str(item.cancel_reason or "cancelled by etcd")
+        if "permission denied" in reason:
+            code = grpc.StatusCode.PERMISSION_DENIED
+        elif _invalid_token(grpc.StatusCode.OK, reason):
+            code = grpc.StatusCode.UNAUTHENTICATED
+        else:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+        raise _Status(code, reason)
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._stream.connection.endpoint.url if self._stream is not None else None
 
     def wait(self, timeout: float) -> int | None:
         """The newest revision changed under the prefixes, or None after ``timeout``."""
-        try:
-            item = self._events.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
+        if self._stream is None:
+            raise EtcdError(f"{self._what}: the watch is closed")
+        end = time.monotonic() + max(0.0, timeout)
         newest = 0
         while True:
-            if isinstance(item, etcd3.exceptions.RevisionCompactedError):
-                raise WatchCompacted(
-                    f"etcd compacted the watched revision (now {item.compacted_revision})"
-                )
-            if isinstance(item, grpc.RpcError) and hasattr(item, "code"):
-                detail = f"{item.code().name} ({_short(item.details() or '')})"
-                raise EtcdError(f"etcd watch failed: {detail}")
-            if isinstance(item, BaseException):
-                raise EtcdError(f"etcd watch failed: {_short(str(item))}")
-            newest = max(newest, int(item.header.revision))
+            item = self._next_response(end if not newest else None)
+            if item is None:
+                return newest or None
+            self._heard, self._asked = time.monotonic(), None
+            newest = max(newest, self._handle(item))
+
+    def _next_response(self, end: float | None) -> Any:
+        """The next response: waiting until ``end``, or (None) only what is there now."""
+        assert self._stream is not None
+        if self._early:
+            return self._early.pop(0)
+        if end is None:
             try:
-                item = self._events.get_nowait()
+                return self._stream.responses.get_nowait()
             except queue.Empty:
-                return newest
+                return None
+        while True:
+            now = time.monotonic()
+            if self._check_progress(now):
+                continue  # resumed on another endpoint
+            assert self._stream is not None
+            try:
+                return self._stream.responses.get(timeout=max(0.0, min(end - now, 0.5)))
+            except queue.Empty:
+                if time.monotonic() >= end:
+                    return None
+
+    def _handle(self, item: Any) -> int:
+        """The revision of an event response (0 for anything else); raises on failure."""
+        assert self._stream is not None
+        endpoint = self._stream.connection.endpoint
+        if isinstance(item, _Ended):
+            if item.error is None:
+                why = f"{endpoint.url} ended the watch stream"
+            else:
+                code, details = _status_of(item.error)
+                why = f"the stream from {endpoint.url} failed: {code.name} ({_short(details)})"
+            self._resume(why)
+            return 0
+        try:
+            self._store._note(item.header, endpoint)
+        except ClusterMismatch:
+            self.close()
+            raise
+        if item.canceled:
+            self.close()
+            try:
+                self._cancelled(item)
+            except _Status as exc:
+                raise EtcdError(f"{self._what}: cancelled by {endpoint.url}: {exc.text}") from None
+        index = self._ranges.get(int(item.watch_id))
+        if index is None or not item.events:
+            return 0
+        fresh = [e for e in item.events if e.kv.mod_revision >= self._next[index]]
+        if not fresh:
+            return 0
+        self._next[index] = int(fresh[-1].kv.mod_revision) + 1
+        self._resumes = 0
+        return int(item.header.revision)
+
+    def _resume(self, why: str) -> None:
+        """Continue on the next endpoint from the first revision not yet delivered; a
+        watch that keeps failing without delivering anything is given up (EtcdError)."""
+        assert self._stream is not None
+        endpoint = self._stream.connection.endpoint
+        self.close()
+        self._store.demote(endpoint)
+        self._resumes += 1
+        if self._resumes > len(self._store.endpoints):
+            raise EtcdError(f"{self._what}: {why}")
+        self._open()
+
+    def _check_progress(self, now: float) -> bool:
+        """Ask a quiet stream for progress; resume elsewhere when it does not answer.
+        True when the stream was replaced."""
+        assert self._stream is not None
+        if self._asked is None:
+            if now - self._heard >= WATCH_PROGRESS_IDLE:
+                self._stream.progress()
+                self._asked = now
+            return False
+        if now - self._asked < WATCH_STALLED:
+            return False
+        url = self._stream.connection.endpoint.url
+        self._resume(f"{url} did not answer for {now - self._heard:.0f}s (stalled)")
+        return True
 
     def alive(self, timeout: float = 2.0) -> bool:
-        """Whether the member this watch streams from answers and has a leader.
-
-        python3-etcd3's watch stream can go quiet without telling its callbacks (a
-        member cut off from quorum keeps the stream open and delivers nothing), so
-        a watcher asks now and then; a Status call is not a range read.
-        """
-        try:
-            request = etcdrpc.StatusRequest()
-            response = self._client.maintenancestub.Status(
-                request, timeout, metadata=self._client.metadata
-            )
-        except Exception:  # an RpcError, or the channel was closed under the watch
+        """Whether the stream is open and its member answers and has a leader (a member
+        cut off from quorum keeps the stream open and delivers nothing)."""
+        if self._stream is None or not self._stream.reader.is_alive():
             return False
-        return bool(response.leader)
+        store, connection = self._store, self._stream.connection
+        deadline = time.monotonic() + timeout
+        for _attempt in range(2):
+            try:
+                store._authorize(connection, deadline)
+                response = connection.maintenance.Status(
+                    _STATUS,
+                    timeout=max(0.001, deadline - time.monotonic()),
+                    metadata=store._metadata(),
+                )
+            except Exception as exc:  # an RpcError, or the channel was closed under it
+                code, details = _status_of(exc)
+                if store._password_auth and _invalid_token(code, details):
+                    store._token = None  # etcd 3.6 wants a valid token for Status
+                    continue
+                return False
+            return bool(response.leader)
+        return False
 
     def close(self) -> None:
-        for watch_id in self._ids:
-            with contextlib.suppress(Exception):
-                self._client.cancel_watch(watch_id)
-        self._ids.clear()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def __enter__(self) -> PrefixWatch:
         return self
@@ -475,111 +1140,304 @@ class PrefixWatch:
         self.close()
 
 
+# --- leases --------------------------------------------------------------------------------
+
+# A lease whose refresh failed is tried again this often until its TTL ran out.
+LEASE_RETRY = 0.5
+
+
+class Lease:
+    """A lease kept alive by a background thread on its own connection.
+
+    The first refresh comes a third of the TTL after the grant, the next a third of the
+    TTL etcd answered after each success; a failed refresh is retried every
+    ``LEASE_RETRY``. ``lost`` is set when etcd answers TTL 0 (expired or revoked) or
+    when no refresh succeeded for the whole TTL (counted from before the last
+    successful request was sent, so etcd never holds it longer than we think). Each
+    refresh is one LeaseKeepAlive round trip: no writes to the key-value store.
+    """
+
+    def __init__(self, config: EtcdConfig, ttl: int, what: str) -> None:
+        self.ttl = ttl
+        self.what = what
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._store = EtcdStore(config)
+        started = time.monotonic()
+        try:
+            self.id = self._store.grant_lease(ttl, what)
+        except BaseException:
+            self._store.close()
+            raise
+        self._refreshed = started
+        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-lease")
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay = self.ttl / 3
+        while not self._stop.wait(delay):
+            sent = time.monotonic()
+            left = self.ttl - (sent - self._refreshed)
+            if left <= 0:
+                self.lost.set()
+                return
+            try:
+                ttl = self._store.keepalive(self.id, self.what, timeout=min(left, self.ttl / 3))
+            except EtcdError:
+                delay = min(LEASE_RETRY, max(0.0, left - (time.monotonic() - sent)))
+                continue
+            if ttl <= 0:
+                self.lost.set()
+                return
+            self._refreshed = sent
+            delay = ttl / 3
+
+    def revoke(self) -> None:
+        """Stop refreshing and revoke the lease; never raises (an unreachable etcd lets
+        it expire within the TTL instead)."""
+        self._stop.set()
+        self._thread.join()
+        with self._store as store, contextlib.suppress(EtcdError):
+            store.revoke_lease(self.id, self.what)
+
+
+# The liveness key's TTL: a process that dies is noticed this many seconds later.
+LIVENESS_TTL = 15
+
+
+class LeasedKey:
+    """A key that exists while this process runs: ``key`` = ``value``, attached to a lease
+    kept alive from a background thread on its own connection; revoked on ``close``.
+
+    When the lease is lost (etcd unreachable for the TTL, or expired), ``lost`` is set
+    and a new lease and put are tried every ``LEASE_RETRY`` until etcd answers; ``lost``
+    is cleared once the key is back. While all is well it costs one LeaseKeepAlive
+    every TTL/3 and no write.
+    """
+
+    def __init__(self, config: EtcdConfig, key: str, value: bytes, ttl: int = LIVENESS_TTL):
+        self.config = config
+        self.key = key
+        self.value = value
+        self.ttl = ttl
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._lease: Lease | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Grant the lease and put the key (raises EtcdError), then keep it alive."""
+        self._lease = self._establish()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-leased-key")
+        self._thread.start()
+
+    def _establish(self) -> Lease:
+        lease = Lease(self.config, self.ttl, f"keeping {self.key} alive")
+        try:
+            with EtcdStore(self.config) as store:
+                store.put_leased(self.key, self.value, lease.id, f"keeping {self.key} alive")
+        except BaseException:
+            lease.revoke()
+            raise
+        return lease
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            lease = self._lease
+            if lease is not None and not lease.lost.wait(LEASE_RETRY):
+                continue
+            if self._stop.is_set():
+                return
+            self.lost.set()
+            if lease is not None:
+                lease.revoke()
+                self._lease = None
+            try:
+                self._lease = self._establish()
+            except EtcdError:
+                self._stop.wait(LEASE_RETRY)
+                continue
+            self.lost.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._lease is not None and not self.lost.is_set()
+
+    def close(self) -> None:
+        """Revoke the lease (the key goes with it); never raises."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._lease is not None:
+            self._lease.revoke()
+            self._lease = None
+
+    def __enter__(self) -> LeasedKey:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the reload lock -----------------------------------------------------------------------
+
 # A holder killed with SIGKILL frees the reload lock this many seconds later (lease
 # expiry); a live holder refreshes its lease three times per TTL.
 LOCK_TTL = 10
-# A waiter re-tries at least this often, even if the watch on the lock key is silent.
+# A waiter re-reads the queue at least this often, even if its watch is silent.
 LOCK_POLL = 2.0
 
 
+@dataclass(frozen=True)
+class LockWaiter:
+    """One entry of the reload lock's queue, in arrival order (the first holds it)."""
+
+    key: str
+    host: str
+    holder: str  # the value: "<holder> <token> <since>"
+    create_revision: int
+    lease: int
+
+    @property
+    def since(self) -> datetime | None:
+        """When it queued, in its own clock's words (for `status` and metrics)."""
+        stamp = self.holder.rsplit(" ", 1)[-1]
+        try:
+            return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return None
+
+
+def _waiter(kv: Any, directory: str) -> LockWaiter:
+    key = kv.key.decode("utf-8", "backslashreplace")
+    host = key[len(directory) :].split("/", 1)[0] if key.startswith(directory) else ""
+    return LockWaiter(
+        key,
+        host,
+        kv.value.decode("utf-8", "replace")[:300],
+        int(kv.create_revision),
+        int(kv.lease),
+    )
+
+
+def lock_queue(store: EtcdStore, key: str) -> list[LockWaiter]:
+    """The reload lock's waiters in arrival order; the first one holds the lock."""
+    directory = key + "/"
+    request = etcdrpc.RangeRequest(
+        key=directory.encode(),
+        range_end=prefix_range_end(directory.encode()),
+        sort_target=etcdrpc.RangeRequest.CREATE,
+        sort_order=etcdrpc.RangeRequest.ASCEND,
+    )
+
+    def operation(connection: _Connection, deadline: float) -> Any:
+        return store._rpc(connection, "kv", "Range", request, deadline)
+
+    response = store._guarded(
+        f"reading the reload lock queue {directory}",
+        operation,
+        [_Access(directory, prefix=True)],
+    )
+    return [_waiter(kv, directory) for kv in response.kvs]
+
+
 class ReloadLock:
-    """The cluster-wide reload lock: one key whose value is attached to a lease.
+    """The cluster-wide reload lock, fair: waiters take it in arrival order.
 
-    The recipe is python3-etcd3's ``Lock`` (create the key only while it does not
-    exist, attached to a lease; a waiter watches for its deletion; release deletes
-    it), done here through ``EtcdStore`` so that it shares the store's endpoint
-    failover, per-call deadlines and auth metadata, and sits exactly at the
-    configured key. The library's own ``Lock`` sends gRPC call credentials, which
-    gRPC refuses on a plain-http channel with auth, talks to one endpoint only and
-    leaks a lease per failed attempt.
+    etcd's own mutex recipe (clientv3/concurrency): each waiter puts a key
+    ``<key>/<host>/<lease hex>`` attached to its lease; the holder is the key with the
+    lowest create revision; each waiter watches only the deletion of the key queued
+    just before its own. Per-host keys let etcd RBAC give each host readwrite on
+    ``<key>/<host>/`` and read on ``<key>/`` only, so that no host can delete (or
+    write) another host's place in the queue. What a host with compromised
+    credentials can still do: hold the lock as long as it likes when its turn comes
+    (keep its lease alive, or put a key with no lease at all), which stalls every
+    other host's restart (never a token: restarts stay owed) and is visible as the
+    holder and its wait time; and queue itself again and again, each time at the end.
 
-    While the lock is held a thread keeps the lease alive, through its own store
-    (a store is not thread-safe). A holder killed with SIGKILL stops refreshing,
-    and etcd deletes the key when the lease expires, ``ttl`` seconds later. The
-    value names the holder, so a waiter that gives up can say who held it. The
-    other side of the same coin: a holder cut off from etcd for longer than the TTL
-    loses the lock while its reload still runs; a lease lock cannot prevent that.
+    A holder written by sakeystate 0.2 (a single key exactly at ``<key>``) is waited
+    for too, when the grants let us read it.
+
+    The lease is kept alive from the moment the waiter queued, by its own thread and
+    connection; ``lost`` is set when etcd says the lease is gone (TTL 0) or no refresh
+    succeeded for the whole TTL: the holder must then assume another host may hold
+    the lock. A holder killed with SIGKILL stops refreshing, and etcd deletes its key
+    when the lease expires, ``ttl`` seconds later.
     """
 
-    def __init__(self, store: EtcdStore, key: str, holder: str, ttl: int = LOCK_TTL) -> None:
+    def __init__(
+        self,
+        store: EtcdStore,
+        key: str,
+        holder: str,
+        ttl: int = LOCK_TTL,
+        host: str | None = None,
+    ) -> None:
         self.store = store
-        self.key = key
+        self.key = key.rstrip("/")
         self.ttl = ttl
-        self.value = f"{holder} {secrets.token_hex(8)}".encode()
-        self._lease: int | None = None
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
+        self.holder = holder
+        raw = host or (holder.split()[0] if holder.split() else "unknown")
+        self.host = raw.replace("/", "_") or "unknown"
+        self.value = b""
+        self.waited: float | None = None  # seconds the last acquire waited
+        self._lease: Lease | None = None
+        self._my_key: str | None = None
+        self._my_revision = 0
+        self._read_legacy = True
+        self._seen_revision = 0
+        self._acquired = False
+        self._never = threading.Event()
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set once the lease of a held (or queued) lock is gone."""
+        return self._lease.lost if self._lease is not None else self._never
+
+    def held(self) -> bool:
+        """Whether this process holds the lock and its lease is still known alive."""
+        return self._acquired and self._lease is not None and not self._lease.lost.is_set()
+
+    def current_holder(self) -> LockWaiter | None:
+        """Who holds the lock now (the first waiter), or None when it is free."""
+        waiters = lock_queue(self.store, self.key)
+        return waiters[0] if waiters else None
 
     def acquire(self, timeout: float) -> None:
-        """Take the lock within ``timeout`` seconds, or raise EtcdError naming the holder."""
-        deadline = time.monotonic() + timeout
-        self._lease = self._grant()
-        granted = time.monotonic()
+        """Take the lock within ``timeout`` seconds, or raise EtcdError naming the holder
+        and this host's place in the queue (its key is then removed)."""
+        started = time.monotonic()
+        deadline = started + timeout
         try:
+            self._enqueue()
             while True:
-                if time.monotonic() - granted > self.ttl / 3:
-                    self._keepalive(self.store, self._lease)
-                    granted = time.monotonic()
-                held_by, revision = self._try_create()
-                if held_by is None:
-                    break
+                ahead, legacy = self._ahead()
+                if ahead is None or self.lost.is_set():  # the lease was lost while waiting
+                    self._drop_lease()
+                    self._enqueue()
+                    continue
+                if not ahead and legacy is None:
+                    self._acquired = True
+                    self.waited = time.monotonic() - started
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise EtcdError(
-                        f"the reload lock {self.key} is held by "
-                        f"{held_by.decode('utf-8', 'replace')[:200]!r}; gave up after "
-                        f"{timeout:g}s"
-                    )
-                self._wait_for_release(revision, min(left, LOCK_POLL))
+                    self.waited = time.monotonic() - started
+                    raise self._gave_up(ahead, legacy, timeout)
+                target = ahead[-1].key if ahead else self.key
+                self._wait_deleted(target, min(left, LOCK_POLL))
         except BaseException:
             self.release()
             raise
-        self._stop.clear()
-        self._refresher = threading.Thread(
-            target=self._refresh, args=(self._lease,), name="reload-lock-lease", daemon=True
-        )
-        self._refresher.start()
 
-    def _wait_for_release(self, revision: int, timeout: float) -> None:
-        """Until the holder's key changes, at most ``timeout``; a watch that cannot
-        start or breaks is no reason to give up, only to try again a little later."""
-        try:
-            with PrefixWatch(self.store, [self.key], revision + 1) as watch:
-                watch.wait(timeout)
-        except EtcdError:
-            time.sleep(min(timeout, RETRY_PAUSE * 5))
-
-    def release(self) -> None:
-        """Give the lock up (revoking the lease deletes the key). Never raises: when
-        etcd cannot be reached now, the lease expires within ``ttl`` seconds anyway."""
-        self._stop.set()
-        if self._refresher is not None:
-            self._refresher.join()
-            self._refresher = None
-        lease, self._lease = self._lease, None
-        if lease is None:
-            return
-        request = etcdrpc.LeaseRevokeRequest(ID=lease)
-
-        def operation(client: Any, deadline: float) -> None:
-            self.store._rpc(client, "leasestub", "LeaseRevoke", request, deadline)
-
-        with contextlib.suppress(EtcdError):
-            self.store._guarded(f"releasing the reload lock {self.key}", operation)
-
-    def _grant(self) -> int:
-        request = etcdrpc.LeaseGrantRequest(TTL=self.ttl)
-
-        def operation(client: Any, deadline: float) -> int:
-            response = self.store._rpc(client, "leasestub", "LeaseGrant", request, deadline)
-            return int(response.ID)
-
-        return self.store._guarded(f"taking the reload lock {self.key}", operation)
-
-    def _try_create(self) -> tuple[bytes | None, int]:
-        """(None, revision) when the key was created for us, else (its holder, its revision)."""
-        assert self._lease is not None
-        key = self.key.encode()
+    def _enqueue(self) -> None:
+        self._lease = Lease(self.store.config, self.ttl, f"the reload lock {self.key}")
+        self._my_key = f"{self.key}/{self.host}/{self._lease.id:x}"
+        since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.value = f"{self.holder} {secrets.token_hex(8)} {since}".encode()
+        key = self._my_key.encode()
         request = etcdrpc.TxnRequest(
             compare=[
                 etcdrpc.Compare(
@@ -591,42 +1449,97 @@ class ReloadLock:
             ],
             success=[
                 etcdrpc.RequestOp(
-                    request_put=etcdrpc.PutRequest(key=key, value=self.value, lease=self._lease)
+                    request_put=etcdrpc.PutRequest(key=key, value=self.value, lease=self._lease.id)
                 )
             ],
             failure=[etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))],
         )
+        response = self.store.txn(
+            f"queueing for the reload lock {self.key}",
+            request,
+            [_Access(self._my_key, write=True)],
+        )
+        if response.succeeded:
+            self._my_revision = int(response.header.revision)
+        else:  # our own put, whose answer was lost: it is ours (the key names our lease)
+            self._my_revision = int(response.responses[0].response_range.kvs[0].create_revision)
 
-        def operation(client: Any, deadline: float) -> tuple[bytes | None, int]:
-            response = self.store._rpc(client, "kvstub", "Txn", request, deadline)
-            if response.succeeded:
-                return None, int(response.header.revision)
-            kvs = response.responses[0].response_range.kvs
-            if not kvs:  # impossible within one transaction; nobody to name: try again
-                return b"", int(response.header.revision)
-            if kvs[0].value == self.value:  # our own put, whose answer was lost
-                return None, int(response.header.revision)
-            return bytes(kvs[0].value), int(kvs[0].mod_revision)
+    def _ahead(self) -> tuple[list[LockWaiter] | None, LockWaiter | None]:
+        """The waiters queued before us (None: our own key is gone), and a 0.2 holder."""
+        directory = self.key + "/"
+        ops = [
+            etcdrpc.RequestOp(
+                request_range=etcdrpc.RangeRequest(
+                    key=directory.encode(),
+                    range_end=prefix_range_end(directory.encode()),
+                    sort_target=etcdrpc.RangeRequest.CREATE,
+                    sort_order=etcdrpc.RangeRequest.ASCEND,
+                )
+            )
+        ]
+        accesses = [_Access(directory, prefix=True)]
+        if self._read_legacy:
+            ops.append(etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=self.key.encode())))
+        what = f"reading the reload lock queue {directory}"
+        try:
+            response = self.store.txn(what, etcdrpc.TxnRequest(success=ops), accesses)
+        except EtcdError as exc:
+            if not self._read_legacy or "PERMISSION_DENIED" not in str(exc):
+                raise
+            # Granted <key>/ only (the documented grant): no 0.2 holder can exist there.
+            self._read_legacy = False
+            return self._ahead()
+        waiters = [_waiter(kv, directory) for kv in response.responses[0].response_range.kvs]
+        if not any(w.key == self._my_key for w in waiters):
+            return None, None
+        ahead = [w for w in waiters if w.create_revision < self._my_revision]
+        legacy = None
+        if self._read_legacy and response.responses[1].response_range.kvs:
+            kv = response.responses[1].response_range.kvs[0]
+            legacy = LockWaiter(
+                self.key,
+                "",
+                kv.value.decode("utf-8", "replace")[:300],
+                kv.create_revision,
+                kv.lease,
+            )
+        self._seen_revision = int(response.header.revision)
+        return ahead, legacy
 
-        return self.store._guarded(f"taking the reload lock {self.key}", operation)
+    def _wait_deleted(self, key: str, timeout: float) -> None:
+        """Until ``key`` is deleted, at most ``timeout``; a watch that cannot start or
+        breaks is no reason to give up, only to look again a little later."""
+        try:
+            with PrefixWatch(
+                self.store, [key], self._seen_revision + 1, exact=True, deletes_only=True
+            ) as watch:
+                end = time.monotonic() + timeout
+                while time.monotonic() < end and not self.lost.is_set():
+                    if watch.wait(min(0.5, end - time.monotonic())) is not None:
+                        return
+        except EtcdError:
+            time.sleep(min(timeout, RETRY_PAUSE * 5))
 
-    @staticmethod
-    def _keepalive(store: EtcdStore, lease: int) -> int:
-        """Refresh the lease; its remaining TTL (0: it expired, the lock is gone)."""
-        request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
+    def _gave_up(
+        self, ahead: list[LockWaiter], legacy: LockWaiter | None, timeout: float
+    ) -> EtcdError:
+        holder = ahead[0] if ahead else legacy
+        assert holder is not None
+        position = len(ahead) + (1 if legacy is not None else 0) + 1
+        # "<holder> <token> <since>": the token means nothing to a reader.
+        shown = holder.holder.rsplit(" ", 2)[0] if ahead else holder.holder
+        return EtcdError(
+            f"the reload lock {self.key} is held by {shown[:200]!r}; this host was number "
+            f"{position} in the queue ({position - 1} ahead of it); gave up after {timeout:g}s"
+        )
 
-        def operation(client: Any, deadline: float) -> int:
-            responses = store._rpc(client, "leasestub", "LeaseKeepAlive", iter([request]), deadline)
-            for response in responses:
-                return int(response.TTL)
-            return 0
+    def _drop_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.revoke()
 
-        return store._guarded("refreshing the reload lock's lease", operation)
-
-    def _refresh(self, lease: int) -> None:
-        """Keep the lease alive until released; a failed refresh is retried next tick."""
-        config = self.store.config
-        with EtcdStore(replace(config, timeout=min(config.timeout, self.ttl / 3))) as store:
-            while not self._stop.wait(self.ttl / 3):
-                with contextlib.suppress(EtcdError):
-                    self._keepalive(store, lease)
+    def release(self) -> None:
+        """Give the lock up (revoking the lease deletes the key). Never raises: when etcd
+        cannot be reached now, the lease expires within ``ttl`` seconds anyway."""
+        self._acquired = False
+        self._drop_lease()

@@ -36,6 +36,9 @@ class BundleObservation:
     group: str | None = None
     reload_pending: bool = False
     jwks_content: bytes | None = None  # the JWKS file, when bundle.jwks_path is set
+    # The owed reload was left to nobody (no bundle.reload, no caller): only a warning
+    # until someone restarts kube-apiserver and says so with `reload-done`.
+    reload_unowned: bool = False
 
 
 @dataclass(frozen=True)

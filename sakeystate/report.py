@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sakeystate.escape import for_markdown, for_markdown_code, for_terminal
 from sakeystate.keys import format_time
 from sakeystate.plan import Plan
 
+if TYPE_CHECKING:
+    from sakeystate.restart import Outcome
+
 REPORT_VERSION = 1
 
 
 def as_dict(
-    plan: Plan, changed: bool | None = None, errors: list[str] | None = None
+    plan: Plan,
+    changed: bool | None = None,
+    errors: list[str] | None = None,
+    restart: Outcome | None = None,
+    owed: bool | None = None,
 ) -> dict[str, Any]:
-    """The contract's JSON report. ``changed`` defaults to "the plan has actions"."""
+    """The contract's JSON report. ``changed`` defaults to "the plan has actions";
+    ``reload_needed`` is whether a restart is owed after the run (``owed``, or what
+    became of ``restart``), and in a plan whether one would be."""
+    if owed is None:
+        owed = plan.reload is not None if restart is None else restart.owed
     return {
         "version": REPORT_VERSION,
         "changed": plan.changed if changed is None else changed,
@@ -24,7 +35,7 @@ def as_dict(
         "host": plan.host,
         "at": format_time(plan.at),
         "bundle_changed": plan.bundle_changed,
-        "reload_needed": plan.reload is not None,
+        "reload_needed": owed,
         "actions": [a.as_dict() for a in plan.actions],
         "bundle": {
             "path": plan.bundle_path,
@@ -37,12 +48,22 @@ def as_dict(
     }
 
 
-def render_json(plan: Plan, changed: bool | None = None, errors: list[str] | None = None) -> str:
-    return json.dumps(as_dict(plan, changed, errors), indent=2, sort_keys=False) + "\n"
+def render_json(
+    plan: Plan,
+    changed: bool | None = None,
+    errors: list[str] | None = None,
+    restart: Outcome | None = None,
+    owed: bool | None = None,
+) -> str:
+    report = as_dict(plan, changed, errors, restart, owed)
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"
 
 
-def summary(plan: Plan, done: bool = False) -> str:
-    """One line in the tense of what happened: "would add" in a plan, "added" after."""
+def summary(plan: Plan, restart: Outcome | None = None) -> str:
+    """One line in the tense of what happened: "would add" in a plan, "added" after a
+    converge (``restart`` given: what became of the restart, from the one place that
+    knows; "reloaded" only when this run restarted the apiserver)."""
+    done = restart is not None
     counts = Counter((a.target, a.op) for a in plan.actions)
     verb = (lambda past, _future: past) if done else (lambda _past, future: f"would {future}")
     parts = []
@@ -58,8 +79,10 @@ def summary(plan: Plan, done: bool = False) -> str:
     if etcd:
         ops = Counter(a.op for a in plan.etcd_actions)
         parts.append("etcd: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items())))
-    if plan.reload:
-        parts.append(verb("reloaded", "reload"))
+    if restart is None and plan.reload:
+        parts.append("would reload")
+    elif restart is not None and restart.phrase:
+        parts.append(restart.phrase)
     if not parts:
         return (
             f"No changes: {len(plan.kids_after)} key(s) in the bundle, etcd and bundle "
@@ -68,7 +91,9 @@ def summary(plan: Plan, done: bool = False) -> str:
     return f"{'; '.join(parts)} ({len(plan.kids_before)} -> {len(plan.kids_after)} bundle keys)."
 
 
-def render_text(plan: Plan, verb: str = "Plan", quiet: bool = False) -> str:
+def render_text(
+    plan: Plan, verb: str = "Plan", quiet: bool = False, restart: Outcome | None = None
+) -> str:
     """One line per action, then the summary; every value from etcd or a file escaped."""
     if quiet and not plan.changed:
         return ""
@@ -82,7 +107,7 @@ def render_text(plan: Plan, verb: str = "Plan", quiet: bool = False) -> str:
         )
     lines.append(
         f"{verb} for {for_terminal(plan.cluster)} at {format_time(plan.at)}: "
-        f"{summary(plan, done=verb == 'Converged')}"
+        f"{summary(plan, restart)}"
     )
     return "\n".join(lines) + "\n"
 
@@ -126,12 +151,14 @@ def render(
     quiet: bool = False,
     changed: bool | None = None,
     errors: list[str] | None = None,
+    restart: Outcome | None = None,
+    owed: bool | None = None,
 ) -> str:
     if fmt == "json":
-        return render_json(plan, changed, errors)
+        return render_json(plan, changed, errors, restart, owed)
     if fmt == "markdown":
         return render_markdown(plan)
-    return render_text(plan, verb, quiet)
+    return render_text(plan, verb, quiet, restart)
 
 
 def render_inspect(plan: Plan, fmt: str = "text") -> str:

@@ -23,16 +23,16 @@ import binascii
 import json
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
 from sakeystate.anchors import Anchor
-from sakeystate.errors import SakeystateError
+from sakeystate.errors import KeyRejected, SakeystateError
 from sakeystate.files import read_capped
-from sakeystate.keys import MAX_VALUE_BYTES, format_time
+from sakeystate.keys import MAX_VALUE_BYTES, format_time, parse_key_pem
 from sakeystate.model import BundleObservation, EtcdEntry, EtcdObservation
 from sakeystate.plan import LocalFacts
 
@@ -194,6 +194,7 @@ def to_json(
             "owner": bundle.owner,
             "group": bundle.group,
             "reload_pending": bundle.reload_pending,
+            "reload_unowned": bundle.reload_unowned,
         }
         if bundle.content is not None:
             found.update(_encoded("content", _public_bundle(bundle.content)))
@@ -205,6 +206,9 @@ def to_json(
         # failures its writes would hit), so review plans exactly what the host would.
         document["local"] = {
             "own_kid": local.own_kid,
+            "own_public_key": (
+                local.own_key.public_pem.decode("ascii") if local.own_key is not None else None
+            ),
             "problems": list(local.problems),
             "anchors": [
                 {
@@ -212,6 +216,7 @@ def to_json(
                     "ca_pem": a.ca_pems.decode("ascii", "replace"),
                     "hosts": list(a.hosts),
                     "common_name": a.common_name,
+                    "clock_skew_seconds": int(a.clock_skew.total_seconds()),
                 }
                 for a in local.anchors
             ],
@@ -239,15 +244,20 @@ def load_local(path: str) -> LocalFacts | None:
                     _string(item, "ca_pem").encode("ascii"),
                     tuple(hosts),
                     _optional_string(item, "common_name"),
+                    timedelta(seconds=_int(item, "clock_skew_seconds", 300, 36500 * 86400)),
                 )
             )
         problems = local.get("problems") or []
         if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
             raise ValueError("local.problems is not a list of strings")
-        return LocalFacts(_optional_string(local, "own_kid"), tuple(problems), tuple(anchors))
+        own_pem = _optional_string(local, "own_public_key")
+        own_key = parse_key_pem(own_pem.encode("ascii")) if own_pem else None
+        return LocalFacts(
+            _optional_string(local, "own_kid"), tuple(problems), tuple(anchors), own_key
+        )
     except RecursionError:
         raise SakeystateError(f"snapshot {path}: its JSON is nested too deeply") from None
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeError, KeyRejected) as exc:
         raise SakeystateError(f"snapshot {path} is not a sakeystate snapshot: {exc}") from None
 
 
@@ -308,6 +318,7 @@ def _bundle(found: dict[str, Any]) -> BundleObservation:
         group=_optional_string(found, "group"),
         reload_pending=found.get("reload_pending", False) is True,
         jwks_content=_decoded(found, "jwks"),
+        reload_unowned=found.get("reload_unowned", False) is True,
     )
 
 

@@ -11,7 +11,7 @@ import json
 import re
 import socket
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -106,6 +106,7 @@ class AnchorConfig:
     ca_file: str
     hosts: tuple[str, ...]
     common_name: str | None = None
+    clock_skew: timedelta = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class DesiredState:
     trust_anchors: tuple[AnchorConfig, ...] = ()
     decommissioned: Mapping[str, datetime] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # valid, but probably not what the author meant
+    signer: SignerConfig | None = None  # restart-free mode (`sakeystate signer`)
 
     @property
     def fleet(self) -> tuple[str, ...]:
@@ -550,15 +552,24 @@ def _build(
             decommissioned[name] = parse_time(entry["at"])
         except ValueError as exc:
             problems.append(f"{where(('decommissioned', index, 'at'))}: {exc}")
-    anchors = tuple(
-        AnchorConfig(
-            name=a["name"],
-            ca_file=a["ca_file"],
-            hosts=tuple(h.lower().rstrip(".") for h in a["hosts"]),
-            common_name=a.get("common_name"),
+    anchors = []
+    for index, a in enumerate(data.get("trust_anchors") or []):
+        skew = timedelta(minutes=5)
+        if "clock_skew" in a:
+            try:
+                skew = parse_duration(a["clock_skew"])
+            except ValueError as exc:
+                problems.append(f"{where(('trust_anchors', index, 'clock_skew'))}: {exc}")
+        anchors.append(
+            AnchorConfig(
+                name=a["name"],
+                ca_file=a["ca_file"],
+                hosts=tuple(h.lower().rstrip(".") for h in a["hosts"]),
+                common_name=a.get("common_name"),
+                clock_skew=skew,
+            )
         )
-        for a in data.get("trust_anchors") or []
-    )
+    signer = _signer_config(data, where, durations, problems)
     names = [a.name for a in anchors]
     for index, name in enumerate(names):
         if names.index(name) != index:
@@ -573,6 +584,13 @@ def _build(
         for i, a in enumerate(anchors)
         if a.common_name is None
     ]
+    if bundle.get("reload") and not bundle.get("reload_check"):
+        warnings.append(
+            f"{where(('bundle', 'reload'))}: no reload_check: the reload lock is released when "
+            "the restart command returns, which for a Type=notify unit is before "
+            "kube-apiserver is ready (/readyz); two apiservers may then be unready at once. "
+            "Set reload_check, e.g. [curl, -fsk, https://localhost:6443/readyz]"
+        )
     grace = durations[("retention", "superseded_grace")]
     if grace < durations[("retention", "max_token_lifetime")]:
         warnings.append(
@@ -587,8 +605,9 @@ def _build(
         host=host,
         own_cert=data.get("own_cert"),
         fleet_hosts=tuple(h.lower().rstrip(".") for h in fleet) if fleet is not None else None,
-        trust_anchors=anchors,
+        trust_anchors=tuple(anchors),
         decommissioned=decommissioned,
+        signer=signer,
         etcd=EtcdConfig(
             endpoints=tuple(etcd["endpoints"]),
             prefix=etcd.get("prefix", EtcdConfig.prefix),
@@ -596,7 +615,7 @@ def _build(
             ca_file=tls.get("ca_file"),
             cert_file=tls.get("cert_file"),
             key_file=tls.get("key_file"),
-            username=auth.get("username"),
+            username=_etcd_user(auth.get("username"), host),
             password_file=auth.get("password_file"),
             status_prefix=etcd.get("status_prefix", EtcdConfig.status_prefix),
             reload_lock=etcd.get("reload_lock", EtcdConfig.reload_lock),
@@ -620,6 +639,65 @@ def _build(
             max_removals=retention.get("max_removals", 2),
             max_token_lifetime=durations[("retention", "max_token_lifetime")],
         ),
+    )
+
+
+def _etcd_user(written: str | None, host: str | None) -> str | None:
+    """``etcd.auth.username: self`` is this host's name: one shared state file gives each
+    control plane its own etcd user (whose role may write only that host's entries)."""
+    if written == "self" and host is not None:
+        return host
+    return written  # an unresolved self stays "self": connecting refuses it
+
+
+# --- signer: restart-free mode ---------------------------------------------------------------
+
+# sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+@dataclass(frozen=True)
+class SignerConfig:
+    socket: str
+    private_key_file: str
+    refresh_hint: int = 60  # seconds
+    group: str | None = None
+
+
+def _signer_config(
+    data: Mapping[str, Any],
+    where: Callable[[FieldPath], str],
+    durations: Mapping[FieldPath, timedelta],
+    problems: list[str],
+) -> SignerConfig | None:
+    """The ``signer`` section, with the limits kube-apiserver puts on what a signer says:
+    a refresh hint above 0, and a token lifetime (Metadata) of at least 10m."""
+    section = data.get("signer")
+    if section is None:
+        return None
+    hint = 60
+    try:
+        hint = int(parse_duration(section.get("refresh_hint", "60s")).total_seconds())
+    except ValueError as exc:
+        problems.append(f"{where(('signer', 'refresh_hint'))}: {exc}")
+    if hint < 1:
+        problems.append(f"{where(('signer', 'refresh_hint'))}: must be at least 1s")
+    if len(section["socket"].encode()) > MAX_SOCKET_PATH_BYTES:
+        problems.append(
+            f"{where(('signer', 'socket'))}: longer than {MAX_SOCKET_PATH_BYTES} bytes, the "
+            "limit of a unix socket path"
+        )
+    lifetime = durations.get(("retention", "max_token_lifetime"))
+    if lifetime is not None and lifetime < timedelta(minutes=10):
+        problems.append(
+            f"{where(('retention', 'max_token_lifetime'))}: below 10m, which kube-apiserver "
+            "refuses from a signer (the signer's Metadata states it as the longest token)"
+        )
+    return SignerConfig(
+        socket=section["socket"],
+        private_key_file=section["private_key_file"],
+        refresh_hint=hint,
+        group=section.get("group"),
     )
 
 

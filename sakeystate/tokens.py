@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sakeystate.errors import SakeystateError
 from sakeystate.escape import for_terminal
-from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle, parse_value
+from sakeystate.keys import KeyInfo, format_time, parse_pem_bundle
 from sakeystate.model import BundleObservation, EtcdObservation
 from sakeystate.plan import BundledKey, LocalFacts, Plan, jwk_of, plan
 from sakeystate.state import DesiredState
@@ -179,16 +179,14 @@ def check_times(claims: Mapping[str, Any], at: datetime) -> Check:
     return Check(True, f"valid until {format_time(expires)}")
 
 
-def _excluded_key(
-    current: Plan, observed: EtcdObservation, prefix: str, kid: str
-) -> KeyInfo | None:
-    """The key of exclude_host that its own apiserver loads: not in the bundle, still trusted."""
+def _excluded_key(current: Plan, kid: str) -> KeyInfo | None:
+    """The key of exclude_host that its own apiserver loads: not in the bundle, trusted."""
+    excluded = current.excluded
+    if excluded is None or excluded.kid != kid:
+        return None
     if not any(k.kid == kid and k.status == "excluded" for k in current.keys):
         return None
-    for entry in observed.entries:
-        if entry.key == prefix + kid:
-            return parse_value(entry.value).key
-    return None
+    return excluded.key
 
 
 def verify(
@@ -213,7 +211,7 @@ def verify(
     after_where = "the bundle the pending plan would write"
     if not pending.changed:
         after_where += " (no changes pending)"
-    excluded = _excluded_key(pending, observed, desired.etcd.prefix, kid)
+    excluded = _excluded_key(pending, kid)
     if excluded is not None:
         own = "this host's own key (exclude_host), loaded by its apiserver beside the bundle"
         now_keys[kid] = after_keys[kid] = excluded
@@ -319,5 +317,5 @@ def verify_token(
     token = decode(read_token(source, sys.stdin))
     from sakeystate.apply import local_facts, observe
 
-    observed, found = observe(desired, snapshot_path)
+    observed, found, _status = observe(desired, snapshot_path)
     return verify(token, desired, observed, found, at, local_facts(desired))

@@ -47,10 +47,22 @@ class Env:
         return write_state(self.state_path, data)
 
     def publish(self, key: Any, host: str, published: datetime | None = T0, **cert: Any) -> str:
-        """Put a value exactly as `sakeystate publish` would, under the key's kid."""
+        """Put a value exactly as `sakeystate publish` would, under ``<prefix><host>/<kid>``."""
+        key_id = kid(key)
+        self.etcd.put(self.key(host, key_id), entry_value(key, host, published, **cert))
+        return key_id
+
+    def publish_flat(
+        self, key: Any, host: str, published: datetime | None = T0, **cert: Any
+    ) -> str:
+        """Put a value as revision 2 did, under ``<prefix><kid>`` (the flat layout)."""
         key_id = kid(key)
         self.etcd.put(self.prefix + key_id, entry_value(key, host, published, **cert))
         return key_id
+
+    def key(self, host: str, key_id: str) -> str:
+        """Where a host's key lives in etcd (the per-host layout)."""
+        return f"{self.prefix}{host}/{key_id}"
 
     def cli(self, command: str, *args: str) -> Result:
         return run_cli(command, "--state", str(self.state_path), *args)

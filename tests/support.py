@@ -133,6 +133,29 @@ def public_pem(key: Any) -> bytes:
     )
 
 
+def bundle_file_kids(path: Path) -> set[str]:
+    """The kids kube-apiserver loads from a bundle file (none when it does not exist)."""
+    from sakeystate.keys import parse_pem_bundle
+
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    return {k.kid for k in parse_pem_bundle(content)[0]}
+
+
+def kids_held(dump: dict[str, bytes]) -> set[str]:
+    """The kids some etcd entry holds, in whichever layout (per-host, flat, legacy)."""
+    from sakeystate.errors import KeyRejected
+    from sakeystate.keys import parse_value
+
+    held = set()
+    for value in dump.values():
+        with contextlib.suppress(KeyRejected):
+            held.add(parse_value(value).key.kid)
+    return held
+
+
 def entry_value(key: Any, host: str, published: datetime | None = T0, **cert_args: Any) -> bytes:
     """An etcd value as ``sakeystate publish`` writes it."""
     header = f"Host: {host}\n"
@@ -196,7 +219,7 @@ class Result:
 # Commands that refuse --at (they write, so they always act as of now). The tests' own
 # clock stands in for "now" for them: `run_cli("converge", "--at", T)` runs converge
 # in-process with the CLI's clock set to T, as if the test ran at that moment.
-_WRITERS = {"converge", "publish", "reload-done", "watch"}
+_WRITERS = {"converge", "publish", "reload-done", "watch", "prune", "reload", "wait"}
 
 
 @contextlib.contextmanager

@@ -122,9 +122,14 @@ def test_adopted_state_validates_and_converges_to_the_same_bundle(env: Env) -> N
     before, _ = parse_pem_bundle(original)
     assert sorted(k.kid for k in after) == sorted(k.kid for k in before)
     assert all(verifies_with_bundle(t, bundle.read_bytes()) for t in tokens)
-    assert not any(h in key for key in env.dump() for h in HOSTS)  # migrated
     # Certificates become public keys; no key is added or removed.
     assert {a["op"] for a in report["actions"] if a["target"] == "bundle"} == {"write"}
+    # R13: each legacy entry is moved by its own host, to its path, and by no other.
+    assert all(env.prefix + h in env.dump() for h in HOSTS)
+    for key_id, host in zip(kids, HOSTS, strict=True):
+        moved = run_cli("converge", "--state", str(output), "--host", host, "--at", AT)
+        assert moved.code == 0, moved.err
+        assert env.prefix + host not in env.dump() and env.key(host, key_id) in env.dump()
 
 
 def test_adopt_from_etcd_alone_trusts_every_valid_key_and_nothing_else(env: Env) -> None:

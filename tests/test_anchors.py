@@ -75,10 +75,52 @@ def test_same_key_renewal_is_trusted_under_the_same_kid() -> None:
     assert check(SA, renewal, host(1003), at=T0 + timedelta(days=310)).trusted
 
 
-def test_leaf_whose_not_after_passed_is_still_trusted_as_of_its_not_after() -> None:
+def test_leaf_whose_not_after_passed_is_not_certified_now() -> None:
+    """R14: anchors verify as of now. A key whose certificate has expired keeps its trust
+    through the bundle (the planner's rule, tests/test_fault_isolation.py), never
+    through an anchor choosing a moment the certificate likes."""
     late = PKI.sa(not_before=T0 - timedelta(days=366), not_after=T0 - timedelta(days=1))
-    assert check(SA, late, host(1002), at=T0) == trusted_for(host(1002))
-    assert check(SA, late, host(1002), at=T0 + timedelta(days=3000)).trusted
+    assert check(SA, late, host(1002), at=T0 - timedelta(days=2)) == trusted_for(host(1002))
+    verdict = check(SA, late, host(1002), at=T0)
+    assert not verdict.trusted and "cert is not valid at validation time" in verdict.reason
+
+
+def test_a_leaf_at_most_clock_skew_ahead_is_trusted_and_one_further_ahead_is_not() -> None:
+    soon = PKI.sa(not_before=T0 + timedelta(minutes=4))
+    assert check(SA, soon, host(1002)) == trusted_for(host(1002))
+    later = PKI.sa(not_before=T0 + timedelta(minutes=6))
+    assert not check(SA, later, host(1002)).trusted
+    strict = Anchor(NAME, PKI.ca_file(), FLEET, "sa", clock_skew=timedelta(0))
+    assert not check(strict, soon, host(1002)).trusted
+
+
+def test_a_retired_or_future_ca_never_certifies_a_leaf_dated_into_its_validity() -> None:
+    """R14's findings: a leaf backdated into an expired intermediate's validity, one under
+    an expired root, and one future-dated under a not-yet-valid intermediate."""
+    expired = PKI.expired_intermediate()
+    backdated = PKI.sa(
+        issuer=expired, not_before=T0 - timedelta(days=300), not_after=T0 - timedelta(days=31)
+    )
+    assert not check(SA, backdated, host(1002)).trusted
+    future_ca = PKI.intermediate(
+        "future", not_before=T0 + timedelta(days=10), not_after=T0 + timedelta(days=400)
+    )
+    future = PKI.sa(issuer=future_ca, not_before=T0 + timedelta(days=11))
+    assert not check(SA, future, host(1002)).trusted
+    old_root = Pki(
+        org="Retired Root",
+        root_not_before=T0 - timedelta(days=900),
+        root_not_after=T0 - timedelta(days=100),
+    )
+    under_old_root = old_root.sa(
+        issuer=old_root.intermediate(
+            not_before=T0 - timedelta(days=800), not_after=T0 - timedelta(days=101)
+        ),
+        not_before=T0 - timedelta(days=700),
+        not_after=T0 - timedelta(days=102),
+    )
+    anchor = Anchor(NAME, old_root.ca_file(), FLEET, "sa")
+    assert not check(anchor, under_old_root, host(1002)).trusted
 
 
 def test_ca_file_holding_root_and_intermediate_lets_a_lone_leaf_chain() -> None:
@@ -230,9 +272,14 @@ def test_not_yet_valid_leaf_is_not_trusted_before_its_not_before() -> None:
 
 
 def test_leaf_without_its_intermediate_is_not_trusted_when_ca_file_holds_only_the_root() -> None:
+    """The verifier only says "candidates exhausted"; the operator is told what to do."""
     leaf = PKI.sa()
-    assert check(SA, leaf, host(1002), intermediates=()) == _chain_failure(
-        PKI.intermediate(), NO_ISSUER
+    assert check(SA, leaf, host(1002), intermediates=()) == Verdict(
+        False,
+        f"anchor {NAME}: no issuer of {leaf.cert.subject.rfc4514_string()!r} (issued by "
+        f"{PKI.intermediate().cert.subject.rfc4514_string()!r}) in the value or in the "
+        "anchor's ca_file: publish the chained file (leaf, then intermediate) or add the "
+        "intermediate to ca_file",
     )
 
 

@@ -442,14 +442,14 @@ def test_etcd_writer_cannot_add_or_remove_trust_and_mass_removal_is_refused(env:
     kids = [kid_of(k) for k in keys]
     for key, host in zip(keys, hosts, strict=True):
         env.publish(key, host)
-    env.state(list(zip(kids, hosts, strict=True)))
+    env.state(list(zip(kids, hosts, strict=True)), bundle={"reload": ["true"]})
     assert env.cli("converge", "--at", AT).code == 0
     before_bundle = env.bundle_bytes()
 
     # Add trust: a new key under its own kid, and under a trusted kid (poisoning).
     intruder = private_key("ec256", 130)
     env.etcd.put(env.prefix + kid_of(intruder), _header() + make_cert(intruder, BAD_HOST))
-    env.etcd.put(env.prefix + kids[0], _header() + make_cert(intruder, BAD_HOST))
+    env.etcd.put(env.key(hosts[0], kids[0]), _header() + make_cert(intruder, BAD_HOST))
     result = env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
@@ -468,10 +468,10 @@ def test_etcd_writer_cannot_add_or_remove_trust_and_mass_removal_is_refused(env:
 
     # Delete one trusted entry, re-date two trusted keys' certificates as long expired.
     forger = private_key("ec256", 131)
-    env.etcd.client.delete(env.prefix + kids[1])
+    env.etcd.client.delete(env.key(hosts[1], kids[1]))
     for key, host in list(zip(keys, hosts, strict=True))[2:]:
         env.etcd.put(
-            env.prefix + kid_of(key), _forged(key, forger, host, datetime(2026, 1, 1, tzinfo=UTC))
+            env.key(host, kid_of(key)), _forged(key, forger, host, datetime(2026, 1, 1, tzinfo=UTC))
         )
     dump = env.dump()
     result = env.cli("converge", "--at", AT, "--format", "json")

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from sakeystate.keys import parse_pem_bundle
+
 from conftest import Env
 from support import T0, entry_value, kid, make_cert, private_key, run_sakeystate
 
@@ -40,14 +42,17 @@ def reloads(log: Path) -> int:
 
 
 def three_planes(env: Env, **overrides: Any) -> list[str]:
+    """Three published, pinned keys; a restart that always succeeds unless one is given
+    (with none configured, every key-set change would stay owed: see test_restart.py)."""
     kids = [env.publish(private_key("ec521", i), host) for i, host in enumerate((A, B, C))]
+    overrides["bundle"] = {"reload": ["true"], **overrides.get("bundle", {})}
     env.state(list(zip(kids, (A, B, C), strict=True)), **overrides)
     return kids
 
 
 def bundle_kids(env: Env) -> list[str]:
-    data = env.bundle_bytes() or b""
-    return [line.split()[1] for line in data.decode().splitlines() if line.startswith("# ")]
+    """The kids kube-apiserver loads from the bundle, in file order."""
+    return [k.kid for k in parse_pem_bundle(env.bundle_bytes() or b"")[0]]
 
 
 def test_first_converge_changes_second_is_a_noop(env: Env) -> None:
@@ -61,14 +66,14 @@ def test_first_converge_changes_second_is_a_noop(env: Env) -> None:
     assert bundle_kids(env) == sorted(kids)
     assert reloads(log) == 1
     before_bytes, before_dump = env.bundle_bytes(), env.dump()
-    revision = env.etcd.client.get_response(env.prefix + kids[0]).header.revision
+    revision = env.etcd.client.get_response(env.key(A, kids[0])).header.revision
     second = env.cli("converge", "--at", AT, "--format", "json", "--detailed-exitcode")
     assert second.code == 0, second.err
     assert json.loads(second.out)["changed"] is False
     assert json.loads(second.out)["actions"] == []
     assert env.bundle_bytes() == before_bytes
     assert env.dump() == before_dump
-    assert env.etcd.client.get_response(env.prefix + kids[0]).header.revision == revision
+    assert env.etcd.client.get_response(env.key(A, kids[0])).header.revision == revision
     assert reloads(log) == 1
 
 
@@ -140,7 +145,9 @@ def test_reimage_keeps_the_old_key_in_etcd_and_bundle(env: Env) -> None:
     result = env.cli("converge", "--at", at, "--format", "json")
     assert result.code == 0, result.err
     assert sorted(json.loads(result.out)["bundle"]["kids_after"]) == sorted([*kids, new_kid])
-    assert set(env.dump()) == {env.prefix + k for k in [*kids, new_kid]}
+    assert set(env.dump()) == {
+        env.key(h, k) for k, h in zip([*kids, new_kid], (A, B, C, A), strict=True)
+    }
     assert bundle_kids(env) == sorted([*kids, new_kid])
     assert reloads(log) == 2
 
@@ -161,10 +168,19 @@ def test_superseded_key_goes_after_its_grace_and_not_before(env: Env) -> None:
     assert late.code == 0, late.err
     report = json.loads(late.out)
     assert old_kid not in report["bundle"]["kids_after"]
-    assert env.prefix + old_kid not in env.dump()
-    delete = next(a for a in report["actions"] if a["target"] == "etcd")
-    assert delete["op"] == "delete" and delete["kid"] == old_kid
-    assert f"superseded by {new_kid}" in delete["reason"]
+    removal = next(a for a in report["actions"] if a["target"] == "bundle")
+    assert removal["op"] == "remove" and removal["kid"] == old_kid
+    assert f"superseded by {new_kid}" in removal["reason"]
+    # R13: retention deletes nothing from etcd (a host's clock alone must not remove a key
+    # a host reimaged later still needs); the operator's prune does.
+    assert env.key(A, old_kid) in env.dump()
+    assert not [a for a in report["actions"] if a["target"] == "etcd"]
+    pruned = env.cli("prune", "--at", "2026-12-22T10:00:00Z", "--format", "json")
+    assert pruned.code == 0, pruned.err
+    deleted = [a for a in json.loads(pruned.out)["actions"] if a["target"] == "etcd"]
+    assert [(a["op"], a["kid"]) for a in deleted] == [("delete", old_kid)]
+    assert f"superseded by {new_kid}" in deleted[0]["reason"]
+    assert set(env.dump()) == {env.key(A, new_kid), env.key(B, other)}
 
 
 def test_expired_certificate_never_removes_a_current_key_and_warns_every_run(env: Env) -> None:
@@ -172,7 +188,7 @@ def test_expired_certificate_never_removes_a_current_key_and_warns_every_run(env
     ignores certificate dates, so expiry removes nothing, however long ago."""
     expiring = env.publish(private_key("ec256", 3), A, not_after=T0 + timedelta(days=10))
     others = [env.publish(private_key("ec521", i), h) for i, h in ((1, B), (2, C))]
-    env.state([(expiring, A), (others[0], B), (others[1], C)])
+    env.state([(expiring, A), (others[0], B), (others[1], C)], bundle={"reload": ["true"]})
     assert env.cli("converge", "--at", AT).code == 0
     before = env.bundle_bytes()
     for later in ("2026-12-03T10:00:00Z", "2031-01-01T00:00:00Z"):
@@ -187,7 +203,7 @@ def test_expired_certificate_never_removes_a_current_key_and_warns_every_run(env
         check = env.cli("check", "--at", later)
         assert check.code == 1 and "expired" in check.err
     assert env.bundle_bytes() == before
-    assert expiring in bundle_kids(env) and env.prefix + expiring in env.dump()
+    assert expiring in bundle_kids(env) and env.key(A, expiring) in env.dump()
 
 
 def test_revoked_key_leaves_bundle_and_etcd(env: Env) -> None:
@@ -200,9 +216,14 @@ def test_revoked_key_leaves_bundle_and_etcd(env: Env) -> None:
     result = env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err
     assert kids[0] not in bundle_kids(env)
-    assert env.prefix + kids[0] not in env.dump()
     reasons = [a["reason"] for a in json.loads(result.out)["actions"] if a.get("kid") == kids[0]]
     assert any("revoked: private key exposed" in r for r in reasons)
+    # R13: a peer never deletes another host's entry; the revoked host itself does.
+    assert env.key(A, kids[0]) in env.dump()
+    own = env.cli("converge", "--at", AT, "--host", A, "--format", "json")
+    assert own.code == 0, own.err
+    assert env.key(A, kids[0]) not in env.dump()
+    assert [a["op"] for a in json.loads(own.out)["actions"] if a["target"] == "etcd"] == ["delete"]
 
 
 def test_untrusted_valid_key_stays_in_etcd_and_is_reported(env: Env) -> None:
@@ -211,7 +232,7 @@ def test_untrusted_valid_key_stays_in_etcd_and_is_reported(env: Env) -> None:
     result = env.cli("converge", "--at", AT, "--format", "json")
     report = json.loads(result.out)
     assert stranger not in report["bundle"]["kids_after"]
-    assert env.prefix + stranger in env.dump()
+    assert env.key("new.example.org", stranger) in env.dump()
     status = {k["kid"]: k["status"] for k in report["keys"]}
     assert status[stranger] == "untrusted"
     assert sorted(bundle_kids(env)) == sorted(kids)
@@ -223,13 +244,13 @@ def test_value_under_another_kid_is_never_trusted(env: Env) -> None:
     impostor = private_key("ec256", 5)
     # The attacker stores its own certificate under a trusted kid's name.
     poison = entry_value(impostor, A)
-    env.etcd.put(env.prefix + kids[0], poison)
+    env.etcd.put(env.key(A, kids[0]), poison)
     result = env.cli("converge", "--at", AT, "--format", "json")
     report = json.loads(result.out)
     assert kids[0] not in report["bundle"]["kids_after"]
     assert kid(impostor) not in report["bundle"]["kids_after"]
     assert {k["kid"]: k["status"] for k in report["keys"]}[kids[0]] == "poisoned"
-    assert env.etcd.get(env.prefix + kids[0]) == poison  # reported, left for a human
+    assert env.etcd.get(env.key(A, kids[0])) == poison  # reported, left for a human
     assert sorted(bundle_kids(env)) == sorted(kids[1:])
 
 
@@ -241,7 +262,7 @@ def test_private_key_in_etcd_is_never_copied_anywhere(env: Env) -> None:
         serialization.NoEncryption(),
     )
     env.etcd.put(env.prefix + "leaky.example.org", secret)
-    env.etcd.put(env.prefix + kids[0], b"Host: a\n" + secret)
+    env.etcd.put(env.key(A, kids[0]), b"Host: a\n" + secret)
     outputs = [
         env.cli(cmd, "--at", AT, "--format", "json") for cmd in ("plan", "converge", "inspect")
     ]
@@ -344,11 +365,11 @@ def test_failed_reload_fails_converge_and_next_run_retries_it(env: Env) -> None:
     assert env.cli("check", "--at", AT).code == 1
 
 
-def test_reload_that_times_out_counts_as_failed(env: Env) -> None:
+def test_reload_that_never_ends_is_killed_at_the_hard_cap_and_counts_as_failed(env: Env) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(30)"]
     three_planes(env, bundle={"reload": argv, "reload_timeout": "1s"})
     result = env.cli("converge", "--at", AT)
-    assert result.code == 1 and "timed out after 1s" in result.err
+    assert result.code == 1 and "was still running after 3s (3 x reload_timeout)" in result.err
     assert env.cli("check", "--at", AT).code == 0
 
 
@@ -373,22 +394,24 @@ def test_publish_is_put_if_absent_idempotent_and_never_overwrites(env: Env) -> N
     cert.write_bytes(make_cert(key, A))
     first = env.cli("publish", "--cert", str(cert), "--host", A, "--at", AT, "--detailed-exitcode")
     assert first.code == 2, first.err
-    stored = env.etcd.get(env.prefix + kid(key))
+    stored = env.etcd.get(env.key(A, kid(key)))
     assert stored is not None
     assert stored.startswith(f"Host: {A}\nPublished: {AT}\n".encode())
     again = env.cli("publish", "--cert", str(cert), "--host", A, "--detailed-exitcode")
-    assert again.code == 0 and env.etcd.get(env.prefix + kid(key)) == stored
+    assert again.code == 0 and env.etcd.get(env.key(A, kid(key))) == stored
     other_host = env.cli("publish", "--cert", str(cert), "--host", B)
     assert other_host.code == 1 and f"the certificate names {A}, not this host" in other_host.err
     unnamed = env.tmp / "sa.pem"  # the seed PKI's shape: CN sa, no SAN
     unnamed.write_bytes(make_cert(key, "sa"))
     other_host = env.cli("publish", "--cert", str(unnamed), "--host", B)
-    assert other_host.code == 1 and "already published by host" in other_host.err
+    assert other_host.code == 1
+    assert f"{env.key(A, kid(key))} already holds it (another host" in other_host.err
+    assert set(env.dump()) == {env.key(A, kid(key))}
     poison = entry_value(private_key("ec256", 8), A)
-    env.etcd.put(env.prefix + kid(key), poison)
+    env.etcd.put(env.key(A, kid(key)), poison)
     poisoned = env.cli("publish", "--cert", str(cert), "--host", A)
     assert poisoned.code == 1 and "different key" in poisoned.err
-    assert env.etcd.get(env.prefix + kid(key)) == poison
+    assert env.etcd.get(env.key(A, kid(key))) == poison
 
 
 def test_publish_refuses_a_private_key_file(env: Env) -> None:
@@ -415,7 +438,7 @@ def test_exclude_host_leaves_out_only_its_current_key(env: Env) -> None:
     assert result.code == 0, result.err
     assert bundle_kids(env) == sorted([old, other])
     status = {k["kid"]: k["status"] for k in json.loads(result.out)["keys"]}
-    assert status[new] == "excluded" and env.prefix + new in env.dump()
+    assert status[new] == "excluded" and env.key(A, new) in env.dump()
 
 
 def test_two_converges_on_one_host_never_interleave(env: Env) -> None:
@@ -521,7 +544,8 @@ def test_console_script_and_module_entry_points(env: Env, entry: list[str]) -> N
 
 
 def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None:
-    three_planes(env)
+    argv, _log = reload_counter(env)
+    three_planes(env, bundle={"reload": argv})
     stale = [
         env.tmp / f".{env.bundle.name}.tmp-99999",
         env.tmp / f".{env.bundle.name}.reload-pending.tmp-99998",
@@ -531,7 +555,7 @@ def test_converge_removes_temporaries_a_killed_run_left_behind(env: Env) -> None
     assert env.cli("converge", "--at", AT).code == 0
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in env.tmp.iterdir()) == sorted(
-        ["sa-certs.pem", "sa-certs.pem.lock", "state.yaml"]
+        ["sa-certs.pem", "sa-certs.pem.lock", "state.yaml", "reloads.log"]
     )
 
 
@@ -637,8 +661,8 @@ def test_a_trusted_key_gone_from_etcd_stays_in_the_bundle_and_is_reported(env: E
     kids = three_planes(env, bundle={"reload": argv})
     assert env.cli("converge", "--at", AT).code == 0
     before = env.bundle_bytes()
-    env.etcd.client.delete(env.prefix + kids[0])
-    env.etcd.put(env.prefix + kids[1], entry_value(private_key("ec256", 9), B, T0))
+    env.etcd.client.delete(env.key(A, kids[0]))
+    env.etcd.put(env.key(B, kids[1]), entry_value(private_key("ec256", 9), B, T0))
     table = env.cli("inspect", "--at", AT)
     row = next(line for line in table.out.splitlines() if line.startswith(kids[0]))
     assert " bundle-only " in row
@@ -650,5 +674,5 @@ def test_a_trusted_key_gone_from_etcd_stays_in_the_bundle_and_is_reported(env: E
     for _run in range(3):
         result = env.cli("converge", "--at", AT, "--detailed-exitcode")
         assert result.code == 0, result.err
-        env.etcd.put(env.prefix + kids[2], b"garbage")
+        env.etcd.put(env.key(C, kids[2]), b"garbage")
     assert env.bundle_bytes() == before and reloads(log) == 1

@@ -45,7 +45,7 @@ def test_finding_1_extreme_dates_never_crash_and_check_still_says_in_sync(env: E
             env.prefix + kid(odd),
             f"Host: {C}\nPublished: {published}\n".encode() + make_cert(odd, C),
         )
-    env.state([(good, A), (kid(forever), B)])
+    env.state([(good, A), (kid(forever), B)], bundle={"reload": ["true"]})
     for command in ("plan", "converge", "inspect"):
         result = env.cli(command, "--at", AT)
         assert result.code == 0, (command, result.err)
@@ -53,6 +53,8 @@ def test_finding_1_extreme_dates_never_crash_and_check_still_says_in_sync(env: E
     assert env.cli("check", "--at", AT).code == 1  # in sync: the revocation path works
     env.state([(good, A)], revoked=[{"fingerprint": kid(forever), "reason": "test"}])
     assert env.cli("converge", "--at", AT).code == 0
+    assert env.prefix + kid(forever) in env.dump()  # R13: B's entry, B deletes it
+    assert env.cli("converge", "--at", AT, "--host", B).code == 0
     assert env.prefix + kid(forever) not in env.dump()
 
 
@@ -106,14 +108,15 @@ def test_finding_6_a_legacy_public_key_is_migrated_undated_and_never_outranks(en
     env.etcd.put(env.prefix + A, public)  # the old publisher's FQDN layout, a bare key
     now = datetime.now(UTC).replace(microsecond=0)
     env.etcd.put(env.prefix + kid(current), entry_value(current, A, now - timedelta(days=2)))
-    env.state([(kid(old_key), A), (kid(current), A)], retention={"superseded_grace": "1d"})
+    env.state([(kid(old_key), A), (kid(current), A)], host=A, retention={"superseded_grace": "1d"})
     assert env.cli("converge").code == 0
-    migrated = env.dump()[env.prefix + kid(old_key)]
+    migrated = env.dump()[env.key(A, kid(old_key))]
     assert b"Published:" not in migrated and migrated.startswith(f"Host: {A}\n".encode())
     for _run in range(2):
         result = env.cli("converge", "--format", "json")
         assert result.code == 0, result.err
-    assert env.prefix + kid(current) in env.dump()  # the current key is never superseded
+        assert kid(current) in json.loads(result.out)["bundle"]["kids_after"]
+    assert env.key(A, kid(current)) in env.dump()  # the current key is never superseded
 
 
 def test_finding_7_a_renewal_dated_seconds_ahead_keeps_its_key(env: Env) -> None:
@@ -123,7 +126,7 @@ def test_finding_7_a_renewal_dated_seconds_ahead_keeps_its_key(env: Env) -> None
     ca.write_bytes(pki.ca_file())
     anchor = {"name": "pki", "ca_file": str(ca), "hosts": [A, B]}
     other = pki.sa_named(B)
-    env.state([], trust_anchors=[anchor])
+    env.state([], trust_anchors=[anchor], bundle={"reload": ["true"]})
     for item, name in ((leaf, A), (other, B)):
         path = env.tmp / f"{name}.pem"
         path.write_bytes(item.chained)
@@ -140,18 +143,22 @@ def test_finding_7_a_renewal_dated_seconds_ahead_keeps_its_key(env: Env) -> None
     assert json.loads(result.out)["changed"] is False and env.bundle_bytes() == before
 
 
-def test_finding_8_with_no_bundle_yet_max_removals_still_counts_etcd_deletes(env: Env) -> None:
+def test_finding_8_max_removals_counts_what_prune_deletes_from_etcd(env: Env) -> None:
+    """Revision 2 deleted superseded keys from etcd in converge, and max_removals had to
+    count them even with no bundle yet. Now converge deletes nothing retention decides
+    (R13); prune does, and counts the trusted keys it deletes."""
     keys = [private_key("ec256", 40 + i) for i in range(4)]
     for i, key in enumerate(keys):
         env.publish(key, A, published=T0 - timedelta(days=30 - i))
     env.state([(kid(k), A) for k in keys], retention={"superseded_grace": "1d", "max_removals": 1})
-    plan = env.cli("plan", "--at", AT)
-    assert plan.code == 1 and "more than retention.max_removals (1)" in plan.err
     before = env.dump()
-    assert env.cli("converge", "--at", AT).code == 1
-    assert env.dump() == before and not env.bundle.exists()
-    assert env.cli("converge", "--at", AT, "--allow-removals").code == 0
-    assert list(env.dump()) == [env.prefix + kid(keys[-1])]
+    assert env.cli("converge", "--at", AT).code == 0
+    assert env.dump() == before
+    refused = env.cli("prune", "--at", AT)
+    assert refused.code == 1 and "more than retention.max_removals (1)" in refused.err
+    assert env.dump() == before
+    assert env.cli("prune", "--at", AT, "--allow-removals").code == 0
+    assert list(env.dump()) == [env.key(A, kid(keys[-1]))]
 
 
 def test_finding_14_an_owed_reload_is_reported_until_reload_done(env: Env) -> None:
@@ -199,7 +206,7 @@ def test_finding_17_a_publish_whose_answer_was_lost_reports_published(env: Env) 
     with EtcdStore(desired.etcd) as store:
         result = publish(_LostAnswer(store), desired, key, chain, T0)  # type: ignore[arg-type]
     assert result.changed is True and "published" in result.message
-    assert env.prefix + key.kid in env.dump()
+    assert env.key(A, key.kid) in env.dump()
 
 
 def test_usage_errors_exit_1_on_every_command(env: Env) -> None:
@@ -284,11 +291,14 @@ def test_a_san_for_another_host_published_under_a_fleet_name_is_never_trusted(
     env.etcd.put(env.prefix + good.kid, f"Host: {A}\n".encode() + good.chained)
     wrong = pki.sa_named(C)  # the CA issued it to ctrl1003
     env.etcd.put(env.prefix + wrong.kid, f"Host: {B}\n".encode() + wrong.chained)
-    env.state([], trust_anchors=[{"name": "pki", "ca_file": str(ca), "hosts": [A, B, C]}])
+    env.state([], trust_anchors=[{"name": "pki", "ca_file": str(ca), "hosts": [A, B]}])
     report = json.loads(env.cli("converge", "--format", "json").out)
     assert report["bundle"]["kids_after"] == [good.kid]
     row = next(k for k in report["keys"] if k["kid"] == wrong.kid)
-    assert row["status"] == "untrusted" and f"do not include Host {B}" in row["reason"]
+    # R12: the certificate names its host; the Host line claiming B is ignored and said.
+    assert (row["host"], row["host_source"]) == (C, "named by the certificate")
+    assert row["status"] == "untrusted" and f"host {C} not in the anchor's hosts" in row["reason"]
+    assert any(f"says {B}, but key {wrong.kid} is {C}'s" in w for w in report["warnings"])
     assert kid_of(wrong.key.public_key()) == wrong.kid
     path = Path(env.tmp / "wrong.pem")
     path.write_bytes(wrong.chained)
@@ -304,7 +314,7 @@ def test_re_dating_a_hosts_current_key_in_etcd_never_supersedes_it(env: Env) -> 
     env.publish(previous, A, published=T0 - timedelta(days=400))
     env.publish(current, A, published=T0 - timedelta(days=10))
     other = env.publish(private_key("ec256", 82), B)
-    env.state([(kid(previous), A), (kid(current), A), (other, B)])
+    env.state([(kid(previous), A), (kid(current), A), (other, B)], bundle={"reload": ["true"]})
     assert env.cli("converge", "--at", AT).code == 0
     before = env.bundle_bytes()
     env.publish(current, A, published=T0 - timedelta(days=500))  # the forgery
@@ -313,7 +323,7 @@ def test_re_dating_a_hosts_current_key_in_etcd_never_supersedes_it(env: Env) -> 
     assert plan.code == 0 and report["actions"] == [], report["actions"]
     assert any("when this host first saw the key" in w for w in report["warnings"])
     assert env.cli("converge", "--at", AT).code == 0
-    assert env.bundle_bytes() == before and env.prefix + kid(current) in env.dump()
+    assert env.bundle_bytes() == before and env.key(A, kid(current)) in env.dump()
 
 
 def test_finding_15_a_prefix_filled_with_huge_values_is_refused_at_once(env: Env) -> None:

@@ -361,7 +361,7 @@ def test_snapshot_never_copies_private_key_material_in_any_form(env: Env) -> Non
         assert secret not in snap.out, name
     skipped = {e["key"]: e.get("skipped") for e in json.loads(snap.out)["entries"]}
     assert all(skipped[env.prefix + name] for name in forms)
-    assert skipped[env.prefix + key_id] is None  # public material is copied
+    assert skipped[env.key(HOST, key_id)] is None  # public material is copied
 
     snapshot = env.tmp / "snap.json"
     snapshot.write_text(snap.out)
@@ -543,17 +543,20 @@ def _large_cert(key: object, host: str, padding: int) -> bytes:
 
 
 def test_forty_migrations_of_39_kb_values_go_through(env: Env) -> None:
-    """One transaction of 40 x 39 KB puts exceeded etcd's 1.5 MiB request limit."""
+    """One transaction of 40 x 39 KB puts exceeded etcd's 1.5 MiB request limit (here: one
+    host moving 40 keys of its own from the flat layout to its path)."""
     keys = [private_key("ec256", 100 + n) for n in range(40)]
-    hosts = [f"ctrl{4000 + n}.example.org" for n in range(40)]
-    for key, host in zip(keys, hosts, strict=True):
-        env.etcd.put(env.prefix + host, _large_cert(key, host, 29 * 1024))
+    host = "ctrl4000.example.org"
+    for key in keys:
+        env.etcd.put(
+            env.prefix + kid(key), f"Host: {host}\n".encode() + _large_cert(key, host, 29 * 1024)
+        )
     assert min(len(v) for v in env.dump().values()) > 39 * 1000
-    env.state([(kid(k), h) for k, h in zip(keys, hosts, strict=True)])
+    env.state([(kid(k), host) for k in keys], host=host)
 
     result = env.cli("converge", "--at", AT, "--format", "json")
     assert result.code == 0, result.err
-    assert sorted(env.dump()) == sorted(env.prefix + kid(k) for k in keys)
+    assert sorted(env.dump()) == sorted(env.key(host, kid(k)) for k in keys)
     assert json.loads(result.out)["bundle"]["kids_after"] == sorted(kid(k) for k in keys)
 
 

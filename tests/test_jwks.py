@@ -83,7 +83,7 @@ def test_jwks_holds_exactly_the_effective_set_and_verifies_tokens(jwks_env: Env)
 
 
 def test_jwks_is_written_atomically_and_only_when_it_changes(jwks_env: Env) -> None:
-    trust(jwks_env, mode="0640")
+    trust(jwks_env, mode="0640", reload=["true"])
     assert jwks_env.cli("converge", "--at", AT).code == 0
     first = os.stat(jwks_path(jwks_env))
     assert stat.S_IMODE(first.st_mode) == 0o640  # the bundle's mode

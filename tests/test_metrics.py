@@ -104,7 +104,7 @@ def test_a_broken_previous_textfile_restarts_the_counters(env: Env) -> None:
 
 def test_an_unwritable_textfile_is_a_warning_not_a_failure(env: Env) -> None:
     key = env.publish(private_key("ec256", 105), A)
-    env.state([(key, A)])
+    env.state([(key, A)], bundle={"reload": ["true"]})
     missing = env.tmp / "no-such-directory" / "sakeystate.prom"
     result = env.cli("converge", "--metrics-textfile", str(missing))
     assert result.code == 0

@@ -1,4 +1,8 @@
-"""Migrating the legacy FQDN layout: no key is ever missing, no token ever stops verifying."""
+"""Migrating the legacy FQDN layout: no key is ever missing, no token ever stops verifying.
+
+Each host moves its own entries to ``<prefix><host>/<kid>`` (R12, R13); no host moves or
+deletes another host's entry.
+"""
 
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ def kid_locations(env: Env, legacy: Legacy, dump: dict[str, bytes]) -> dict[str,
     """For each kid, the etcd keys that hold a value carrying that key."""
     found: dict[str, list[str]] = {k: [] for k in legacy.kids}
     for index, key_id in enumerate(legacy.kids):
-        for name in (env.prefix + key_id, legacy.legacy_key(env, index)):
+        for name in (env.key(HOSTS[index], key_id), legacy.legacy_key(env, index)):
             value = dump.get(name)
             if value is None:
                 continue
@@ -221,30 +225,34 @@ def test_three_concurrent_converges_migrate_without_a_key_or_token_ever_missing(
         assert missing(env, legacy, dump_at(env, revision)) == [], revision
 
     dump = env.dump()
-    assert sorted(dump) == sorted(env.prefix + k for k in legacy.kids)
+    assert sorted(dump) == sorted(env.key(h, k) for k, h in zip(legacy.kids, HOSTS, strict=True))
     for key_id, host in zip(legacy.kids, HOSTS, strict=True):
-        value = parse_value(dump[env.prefix + key_id])
+        value = parse_value(dump[env.key(host, key_id)])
         assert (value.key.kid, value.host) == (key_id, host)
         assert value.published == T0 - timedelta(days=30)  # the certificate's not-before
         assert value.key.certificate_pem is not None  # still `openssl x509`-readable
 
-    # All three planned the migration from one revision; one transaction won, the
-    # other two lost their guards, re-read, found nothing left to move, wrote nothing
-    # but their own status record (one put each).
+    # All three planned from one revision; each moved its own entry (a put and a delete
+    # in one transaction), none touched another's, and each wrote its status record.
     assert len(list(barrier.glob("*.read"))) == 3
     outcomes = [
         line.split() for log in barrier.glob("*.txn") for line in log.read_text().splitlines()
     ]
-    lost, won, status = ["False", "6"], ["True", "6"], ["True", "1"]
-    assert sorted(outcomes) == sorted([lost, lost, won, *[status] * len(HOSTS)])
+    moved, status = ["True", "2"], ["True", "1"]
+    assert sorted(outcomes) == sorted([*[moved] * len(HOSTS), *[status] * len(HOSTS)])
     statuses = env.etcd.dump(status_prefix(env))
     assert sorted(statuses) == sorted(status_prefix(env) + h for h in HOSTS)
     for host in HOSTS:
         record = json.loads(statuses[status_prefix(env) + host])
         assert (record["host"], record["kids"]) == (host, sorted(legacy.kids))
-    # Each legacy entry was migrated by exactly one of the three racing runs.
-    migrated = [a["kid"] for r in reports.values() for a in r["actions"] if a["op"] == "migrate"]
-    assert sorted(migrated) == sorted(legacy.kids)
+    # Each legacy entry was migrated by its own host, and by no other.
+    migrated = {
+        (r["host"], a["kid"])
+        for r in reports.values()
+        for a in r["actions"]
+        if a["op"] == "migrate"
+    }
+    assert migrated == set(zip(HOSTS, legacy.kids, strict=True))
     for path in bundles:
         content = Path(path).read_bytes()
         assert b"CERTIFICATE" not in content
@@ -264,16 +272,18 @@ def test_three_concurrent_converges_migrate_without_a_key_or_token_ever_missing(
     assert current_revision(env) == end  # a no-op run writes nothing, status included
 
 
-def test_untrusted_legacy_key_is_migrated_but_not_bundled(env: Env) -> None:
+def test_untrusted_legacy_key_is_read_but_not_bundled_and_only_its_host_moves_it(
+    env: Env,
+) -> None:
     legacy = legacy_layout(env)
     env.state(list(zip(legacy.kids[:2], HOSTS[:2], strict=True)))
-    result = env.cli("converge", "--at", AT, "--format", "json")
+    result = env.cli("converge", "--at", AT, "--host", HOSTS[0], "--format", "json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
 
     dump = env.dump()
-    assert sorted(dump) == sorted(env.prefix + k for k in legacy.kids)
-    assert parse_value(dump[env.prefix + legacy.kids[2]]).host == HOSTS[2]
+    assert env.key(HOSTS[0], legacy.kids[0]) in dump
+    assert legacy.legacy_key(env, 1) in dump and legacy.legacy_key(env, 2) in dump
     assert report["bundle"]["kids_after"] == sorted(legacy.kids[:2])
     bundle = env.bundle_bytes() or b""
     assert not verifies_with_bundle(legacy.tokens[2], bundle)
@@ -282,6 +292,11 @@ def test_untrusted_legacy_key_is_migrated_but_not_bundled(env: Env) -> None:
     assert untrusted["status"] == "untrusted"
     assert untrusted["in_bundle"] is False and untrusted["bundle_after"] is False
     assert any(legacy.kids[2] in w and "untrusted" in w for w in report["warnings"])
+    # Its own host moves it, trusted or not: the layout is not a matter of trust.
+    own = env.cli("converge", "--at", AT, "--host", HOSTS[2], "--format", "json")
+    assert own.code == 0, own.err
+    moved = parse_value(env.etcd.get(env.key(HOSTS[2], legacy.kids[2])) or b"")
+    assert moved.host == HOSTS[2] and legacy.legacy_key(env, 2) not in env.dump()
 
 
 def test_malformed_legacy_entries_are_reported_and_left_alone(env: Env) -> None:
@@ -303,21 +318,21 @@ def test_malformed_legacy_entries_are_reported_and_left_alone(env: Env) -> None:
     before = {host: env.etcd.client.get(env.prefix + host)[1].mod_revision for host in bad}
     env.state(list(zip(legacy.kids, HOSTS, strict=True)))
 
-    result = env.cli("converge", "--at", AT, "--format", "json")
-    assert result.code == 0, result.err
-    report = json.loads(result.out)
-
-    for host, value in bad.items():
-        stored, meta = env.etcd.client.get(env.prefix + host)
-        assert stored == value and meta.mod_revision == before[host]
-        entry = next(k for k in report["keys"] if k["etcd_key"] == env.prefix + host)
-        assert entry["status"] == "rejected" and entry["trust"] is None
-        assert entry["in_bundle"] is False and entry["bundle_after"] is False
-        assert any(env.prefix + host in w for w in report["warnings"])
-    assert not any(a.get("key") == env.prefix + h for a in report["actions"] for h in bad)
-    assert report["bundle"]["kids_after"] == sorted(legacy.kids)
-    assert b"PRIVATE" not in (env.bundle_bytes() or b"")
-    assert b"PRIVATE" not in result.out.encode() + result.err.encode()
+    for name in (*bad, *HOSTS):
+        result = env.cli("converge", "--at", AT, "--host", name, "--format", "json")
+        assert result.code == 0, result.err
+        report = json.loads(result.out)
+        for host, value in bad.items():
+            stored, meta = env.etcd.client.get(env.prefix + host)
+            assert stored == value and meta.mod_revision == before[host]
+            entry = next(k for k in report["keys"] if k["etcd_key"] == env.prefix + host)
+            assert entry["status"] == "rejected" and entry["trust"] is None
+            assert entry["in_bundle"] is False and entry["bundle_after"] is False
+            assert any(env.prefix + host in w for w in report["warnings"])
+        assert not any(a.get("key") == env.prefix + h for a in report["actions"] for h in bad)
+        assert report["bundle"]["kids_after"] == sorted(legacy.kids)
+        assert b"PRIVATE" not in (env.bundle_bytes() or b"")
+        assert b"PRIVATE" not in result.out.encode() + result.err.encode()
     for host in HOSTS:
         assert env.etcd.get(env.prefix + host) is None
 
@@ -327,23 +342,20 @@ def test_migration_is_visible_in_plan_which_writes_nothing(env: Env) -> None:
     env.state(list(zip(legacy.kids, HOSTS, strict=True)))
     dump, revision = env.dump(), current_revision(env)
 
-    text = env.cli("plan", "--at", AT, "--detailed-exitcode")
-    assert text.code == 2, text.err
     for index, key_id in enumerate(legacy.kids):
-        line = next(
-            ln for ln in text.out.splitlines() if ln.startswith("etcd   migrate") and key_id in ln
-        )
-        assert f"move {legacy.legacy_key(env, index)} to {env.prefix}{key_id}" in line
-        assert f"Host: {HOSTS[index]}" in line
-    assert "etcd: 3 migrate" in text.out
-
-    report = json.loads(env.cli("plan", "--at", AT, "--format", "json").out)
-    migrations = [a for a in report["actions"] if a["op"] == "migrate"]
-    assert sorted((a["target"], a["kid"], a["host"]) for a in migrations) == sorted(
-        zip(["etcd"] * 3, legacy.kids, HOSTS, strict=True)
-    )
-    markdown = env.cli("plan", "--at", AT, "--format", "markdown").out
-    assert markdown.count("| etcd | migrate |") == 3
+        host = HOSTS[index]
+        text = env.cli("plan", "--at", AT, "--host", host, "--detailed-exitcode")
+        assert text.code == 2, text.err
+        lines = [ln for ln in text.out.splitlines() if ln.startswith("etcd   migrate")]
+        assert len(lines) == 1 and key_id in lines[0]
+        target = env.key(host, key_id)
+        assert f"move {legacy.legacy_key(env, index)} to {target} (Host: {host})" in lines[0]
+        assert "etcd: 1 migrate" in text.out
+        report = json.loads(env.cli("plan", "--at", AT, "--host", host, "--format", "json").out)
+        migrations = [a for a in report["actions"] if a["op"] == "migrate"]
+        assert [(a["target"], a["kid"], a["host"]) for a in migrations] == [("etcd", key_id, host)]
+        markdown = env.cli("plan", "--at", AT, "--host", host, "--format", "markdown").out
+        assert markdown.count("| etcd | migrate |") == 1
     assert env.dump() == dump and current_revision(env) == revision
 
 
@@ -353,35 +365,37 @@ def test_stale_migration_loses_its_guard_and_never_clobbers_a_concurrent_write(
     """A run that planned before the old publisher renewed a certificate writes nothing."""
     legacy = legacy_layout(env)
     env.state(list(zip(legacy.kids, HOSTS, strict=True)))
-    desired = load_state(env.state_path)
+    desired = load_state(env.state_path, HOSTS[0])
     renewed = make_cert(legacy.keys[0], HOSTS[0], not_after=T0 + timedelta(days=730), serial=4242)
     with EtcdStore(desired.etcd) as store:
         stale = observe_and_plan(desired, store, T0)
         env.etcd.put(legacy.legacy_key(env, 0), renewed)  # the old publisher, mid-run
         dump = env.dump()
-        assert apply_etcd(store, stale) is False
+        assert apply_etcd(store, stale) == (False, [])
     assert env.dump() == dump
 
-    result = env.cli("converge", "--at", AT)
+    result = env.cli("converge", "--at", AT, "--host", HOSTS[0])
     assert result.code == 0, result.err
-    migrated = parse_value(env.etcd.get(env.prefix + legacy.kids[0]) or b"")
+    migrated = parse_value(env.etcd.get(env.key(HOSTS[0], legacy.kids[0])) or b"")
     assert migrated.key.not_after == T0 + timedelta(days=730)
     assert env.etcd.get(legacy.legacy_key(env, 0)) is None
 
 
-def test_legacy_copy_of_a_key_already_published_under_its_kid_is_removed(env: Env) -> None:
+def test_legacy_copy_of_a_key_already_published_under_its_path_is_removed(env: Env) -> None:
     legacy = legacy_layout(env)
     published = env.publish(legacy.keys[0], HOSTS[0], published=T0 - timedelta(days=10))
-    kept = env.etcd.get(env.prefix + published)
+    kept = env.etcd.get(env.key(HOSTS[0], published))
     env.state(list(zip(legacy.kids, HOSTS, strict=True)))
 
-    plan = json.loads(env.cli("plan", "--at", AT, "--format", "json").out)
+    plan = json.loads(env.cli("plan", "--at", AT, "--host", HOSTS[0], "--format", "json").out)
     first = next(a for a in plan["actions"] if a["kid"] == published and a["op"] == "migrate")
     assert "already holds this key" in first["reason"]
-    assert env.cli("converge", "--at", AT).code == 0
-    assert env.etcd.get(env.prefix + published) == kept  # Published date kept
+    assert env.cli("converge", "--at", AT, "--host", HOSTS[0]).code == 0
+    assert env.etcd.get(env.key(HOSTS[0], published)) == kept  # Published date kept
     assert env.etcd.get(legacy.legacy_key(env, 0)) is None
-    assert sorted(env.dump()) == sorted(env.prefix + k for k in legacy.kids)
+    assert sorted(env.dump()) == sorted(
+        [env.key(HOSTS[0], published), legacy.legacy_key(env, 1), legacy.legacy_key(env, 2)]
+    )
 
 
 def test_legacy_key_counts_as_older_than_the_key_its_host_published_since(env: Env) -> None:
@@ -406,7 +420,7 @@ def test_legacy_key_counts_as_older_than_the_key_its_host_published_since(env: E
     assert excluded == [new_kid]  # its apiserver loads it from its own key file
     bundle = env.bundle_bytes() or b""
     assert verifies_with_bundle(legacy.tokens[0], bundle)  # the pre-reimage key stays
-    migrated = parse_value(env.etcd.get(env.prefix + legacy.kids[0]) or b"")
+    migrated = parse_value(env.etcd.get(env.key(host, legacy.kids[0])) or b"")
     assert migrated.published == T0 - timedelta(days=30)  # the certificate's not-before
     later = env.cli("plan", "--at", "2027-11-12T10:00:00Z", "--format", "json")
     removed = [a["kid"] for a in json.loads(later.out)["actions"] if a["op"] == "remove"]

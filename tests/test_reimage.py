@@ -11,103 +11,17 @@ ES512 JWTs checked against each bundle as kube-apiserver's keyutil reads it
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
-from jwt_support import sign, verifies_with_bundle
+from fleet_support import AT, HOSTS, Fleet
+from jwt_support import sign
 
 from sakeystate.keys import format_time, parse_pem_bundle
 
 from conftest import Env
-from pki import Leaf, Pki, host, self_signed
-from support import T0, run_cli, state_data, write_state
-
-AT = format_time(T0)
-HOSTS = [host(1001), host(1002), host(1003)]
-
-
-@dataclass
-class Plane:
-    """One control plane: its directory, state file, own certificate and reload log."""
-
-    name: str
-    root: Path
-    state: Path
-    leaf: Leaf
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "sa-certs.pem"
-
-    @property
-    def own_cert(self) -> Path:
-        return self.root / "sa.pem"
-
-    @property
-    def reloads(self) -> int:
-        log = self.root / "reloads.log"
-        return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-class Fleet:
-    def __init__(self, env: Env, pki: Pki, common_name: str | None, shape: str) -> None:
-        self.env, self.pki, self.shape = env, pki, shape
-        ca = env.tmp / "cluster-ca.pem"
-        ca.write_bytes(pki.ca_file())
-        anchor: dict[str, Any] = {"name": "wikikube-pki", "ca_file": str(ca), "hosts": HOSTS}
-        if common_name:
-            anchor["common_name"] = common_name
-        self.planes = []
-        for fqdn in HOSTS:
-            root = env.tmp / fqdn
-            root.mkdir()
-            leaf = self.new_leaf(fqdn)
-            data = state_data(
-                env.etcd.url,
-                env.prefix,
-                root / "sa-certs.pem",
-                [],
-                host="self",
-                own_cert=str(root / "sa.pem"),
-                trust_anchors=[anchor],
-                etcd={"status_prefix": env.prefix.replace("certs", "status")},
-                bundle={
-                    "exclude_host": "self",
-                    "reload": ["sh", "-c", f"echo reload >> {root / 'reloads.log'}"],
-                },
-            )
-            plane = Plane(fqdn, root, write_state(root / "state.yaml", data), leaf)
-            plane.own_cert.write_bytes(leaf.chained)
-            self.planes.append(plane)
-        self.converges = 0
-
-    def new_leaf(self, fqdn: str, key: Any = None) -> Leaf:
-        if self.shape == "sa":
-            return self.pki.sa(key=key)
-        return self.pki.sa_named(fqdn, key=key)
-
-    def cli(self, plane: Plane, command: str, *args: str) -> Any:
-        return run_cli(command, "--state", str(plane.state), "--host", plane.name, *args)
-
-    def publish(self, plane: Plane) -> None:
-        result = self.cli(plane, "publish", "--at", AT)  # own_cert is publish's default
-        assert result.code == 0, result.err
-
-    def converge(self, plane: Plane, at: str = AT) -> dict[str, Any]:
-        self.converges += 1
-        result = self.cli(plane, "converge", "--at", at, "--format", "json")
-        assert result.code == 0, result.err
-        report: dict[str, Any] = json.loads(result.out)
-        return report
-
-    def verifies(self, plane: Plane, token: str) -> bool:
-        """What this plane's apiserver verifies: the bundle plus its own key's flag."""
-        return verifies_with_bundle(token, plane.bundle.read_bytes()) or verifies_with_bundle(
-            token, plane.own_cert.read_bytes()
-        )
+from pki import Pki, host, self_signed
+from support import T0, run_cli, write_state
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 - The reload and its reload_check run while this host holds a lease-backed key
   exactly at the configured key, naming the holder; the key is gone once the
   converge ended.
-- A lock held by another host makes the reload wait; past reload_timeout the
+- A lock held by another host makes the reload wait; past --lock-timeout the
   converge fails (exit 1, naming the holder), the bundle is written and the reload
   stays owed, and the next converge, with the lock free, reloads and clears it.
 - ``reload_lock: null`` takes no lock.
@@ -44,7 +44,10 @@ def planes(env: Env, **bundle: Any) -> list[tuple[str, str]]:
 
 def test_the_lock_is_held_through_reload_check_at_the_configured_key(env: Env) -> None:
     during_reload, during_check = env.tmp / "reload.json", env.tmp / "check.json"
-    ctl = f"ETCDCTL_API=3 '{etcdctl_binary()}' --endpoints {env.etcd.url} get {lock_key(env)}"
+    ctl = (
+        f"ETCDCTL_API=3 '{etcdctl_binary()}' --endpoints {env.etcd.url} get --prefix "
+        f"{lock_key(env)}/"
+    )
     planes(
         env,
         reload=["sh", "-c", f"{ctl} -w json > '{during_reload}'"],
@@ -55,9 +58,12 @@ def test_the_lock_is_held_through_reload_check_at_the_configured_key(env: Env) -
     for seen in (during_reload, during_check):
         kvs = json.loads(seen.read_text())["kvs"]
         assert len(kvs) == 1 and kvs[0]["lease"] != 0  # lease-backed: SIGKILL frees it
+        # The waiter key of the fair lock: <reload_lock>/<host>/<lease hex>.
+        key = base64.b64decode(kvs[0]["key"]).decode()
+        assert key == f"{lock_key(env)}/{HOSTS[0]}/{kvs[0]['lease']:x}"
         holder = base64.b64decode(kvs[0]["value"]).decode()
         assert holder.startswith(f"{HOSTS[0]} pid {os.getpid()} ")
-    assert env.etcd.get(lock_key(env)) is None
+    assert env.etcd.dump(lock_key(env)) == {}
 
 
 def test_a_held_lock_fails_the_reload_in_time_and_the_reload_stays_owed(env: Env) -> None:
@@ -66,7 +72,7 @@ def test_a_held_lock_fails_the_reload_in_time_and_the_reload_stays_owed(env: Env
     lease = env.etcd.client.lease(60)
     env.etcd.client.put(lock_key(env), b"ctrl2.example.org pid 4242 cafe", lease=lease)
     try:
-        held = env.cli("converge", "--host", HOSTS[0])
+        held = env.cli("converge", "--host", HOSTS[0], "--lock-timeout", "2s")
         assert held.code == 1
         assert "ctrl2.example.org pid 4242" in held.err and "gave up after 2s" in held.err
         assert env.bundle_bytes() is not None
@@ -123,4 +129,4 @@ def test_three_hosts_converging_at_once_reload_one_at_a_time(env: Env) -> None:
     assert sorted(r.name for r in runs) == sorted(HOSTS)
     assert all(r.end is not None for r in runs)
     assert overlapping(runs) == []
-    assert env.etcd.get(lock_key(env)) is None
+    assert env.etcd.dump(lock_key(env)) == {}

@@ -1,9 +1,13 @@
-"""The reload runner returns or fails within its timeout whatever the command does.
+"""The command runners of the restart lifecycle, with real shell scripts.
 
-Real shell scripts: a child that daemonises holding stdout open, gigabytes of
-output, a non-zero exit with terminal escapes in its output, a missing
-command, a command that never ends. Each call runs in a thread joined with a
-generous bound: that bound only guards against a hang, it measures nothing.
+``run_check`` (``reload_check``) returns or fails within its timeout whatever the
+command does: a child that daemonises holding stdout open, gigabytes of output, a
+non-zero exit with terminal escapes in its output, a missing command, a command
+that never ends. ``run_restart`` (``bundle.reload``) returns only once the
+command's whole process group is gone, never kills it before its hard cap, and on
+a stop request waits for it briefly and says whether it still runs. Each call
+runs in a thread joined with a generous bound: that bound only guards against a
+hang, it measures nothing.
 """
 
 from __future__ import annotations
@@ -19,20 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from sakeystate.apply import RELOAD_OUTPUT_TAIL, run_reload_command
+from sakeystate import restart
 from sakeystate.errors import ReloadFailed
+from sakeystate.restart import OUTPUT_TAIL, Stop, StopRequested, run_check, run_restart
 
 # A hang guard, far above the runner's own timeout + 1 s.
 HANG_GUARD = 20.0
 
 
 def run_guarded(argv: tuple[str, ...], timeout: float) -> ReloadFailed | None:
-    """``run_reload_command`` in a thread; the test fails if it has not returned in time."""
+    """``run_check`` in a thread; the test fails if it has not returned in time."""
     outcome: list[BaseException | None] = []
 
     def target() -> None:
         try:
-            run_reload_command(argv, timeout)
+            run_check(argv, timeout)
         except BaseException as exc:  # handed to the test thread, asserted there
             outcome.append(exc)
         else:
@@ -41,7 +46,7 @@ def run_guarded(argv: tuple[str, ...], timeout: float) -> ReloadFailed | None:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(timeout + HANG_GUARD)
-    assert not thread.is_alive(), f"run_reload_command({argv!r}) hung past its timeout"
+    assert not thread.is_alive(), f"run_check({argv!r}) hung past its timeout"
     result = outcome[0]
     assert result is None or isinstance(result, ReloadFailed), result
     return result
@@ -105,7 +110,7 @@ def test_huge_output_keeps_only_its_tail() -> None:
     assert failure is not None
     message = str(failure)
     assert "exited 3: y / y / last; it will be retried" in message
-    assert len(message) < 2 * RELOAD_OUTPUT_TAIL
+    assert len(message) < 2 * OUTPUT_TAIL
     assert peak < 16 * 1024 * 1024, f"{peak} bytes traced while reading 200 MB of output"
 
 
@@ -125,3 +130,48 @@ def test_command_not_found_is_a_reload_failure(tmp_path: Path) -> None:
 
 def test_success_prints_nothing_and_returns() -> None:
     assert run_guarded(("sh", "-c", "echo ok; exit 0"), timeout=30) is None
+
+
+# --- run_restart: bundle.reload ---------------------------------------------------------
+
+
+def test_a_restart_returns_only_once_its_whole_process_group_is_gone(pidfile: Path) -> None:
+    # The command exits at once; a child it left in its group still restarts something.
+    script = f"sleep 2 & echo $! > {pidfile}; exit 0"
+    run_restart(("sh", "-c", script), timeout=30, stop=Stop())
+    assert not _alive(int(pidfile.read_text()))
+
+
+def test_a_restart_that_detaches_a_daemon_into_its_own_session_is_not_waited_for(
+    pidfile: Path,
+) -> None:
+    """What `systemctl restart` leaves behind is systemd's; a daemon the command started
+    in a session of its own is not part of the restart."""
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & sleep 0.2; exit 0"
+    run_restart(("sh", "-c", script), timeout=30, stop=Stop())
+    assert _alive(int(pidfile.read_text()))
+
+
+def test_a_restart_past_reload_timeout_is_waited_for_then_fails(pidfile: Path) -> None:
+    script = f"echo $$ > {pidfile}; sleep 2"
+    with pytest.raises(ReloadFailed, match=r"took \d+\.\ds, more than reload_timeout \(1s\)"):
+        run_restart(("sh", "-c", script), timeout=1, stop=Stop(), cap=60)
+    assert not _alive(int(pidfile.read_text()))  # it ran to its end, unkilled
+
+
+def test_a_stop_request_waits_for_the_restart_then_says_it_still_runs(
+    pidfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(restart, "STOP_GRACE", 0.5)
+    stop = Stop()
+    stop.requested = True
+    script = f"echo $$ > {pidfile}; exec sleep 60"
+    with pytest.raises(StopRequested) as raised:
+        run_restart(("sh", "-c", script), timeout=30, stop=stop)
+    assert raised.value.alive
+    assert _alive(int(pidfile.read_text()))  # never killed
+
+
+def test_a_restart_failure_shows_its_last_lines() -> None:
+    with pytest.raises(ReloadFailed, match="exited 3: refused: unit not found; it will be retried"):
+        run_restart(("sh", "-c", "echo refused: unit not found; exit 3"), timeout=30, stop=Stop())

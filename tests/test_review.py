@@ -43,7 +43,11 @@ def review_cluster(env: Env) -> dict[str, str]:
 def test_markdown_plan_has_summary_table_with_reasons_and_warnings(env: Env) -> None:
     kids = review_cluster(env)
 
-    result = env.cli("plan", "--at", AT, "--format", "markdown", "--detailed-exitcode")
+    # As ctrl1003 plans it: a host deletes only its own entries from etcd (R13).
+    result = env.cli(
+        "plan", "--at", AT, "--host", "ctrl1003.example.org", "--format", "markdown",
+        "--detailed-exitcode",
+    )  # fmt: skip
     assert result.code == 2, result.err
     lines = result.out.splitlines()
     assert lines[0] == f"### sakeystate plan for `test` at {AT}"
@@ -98,16 +102,18 @@ def test_markdown_plan_warns_of_a_superseded_key_dropped_within_30_days(env: Env
     assert [w for w in warnings if old in w or new in w] == [upcoming]
     assert not any(expiring in w for w in warnings)
     assert env.cli("converge", "--at", AT).code == 0
+    assert env.cli("reload-done").code == 0  # no restart configured: the operator restarted
     after = json.loads(env.cli("plan", "--at", drop, "--format", "json").out)
+    # The bundle drops it; its etcd entry stays for `sakeystate prune` (R13).
     assert {(a["target"], a["op"], a.get("kid")) for a in after["actions"]} == {
         ("bundle", "remove", old),
-        ("etcd", "delete", old),
     }
 
 
 def test_markdown_plan_in_sync_has_no_table(env: Env) -> None:
     review_cluster(env)
     assert env.cli("converge", "--at", AT).code == 0
+    assert env.cli("reload-done").code == 0  # no restart configured: the operator restarted
 
     result = env.cli("plan", "--at", AT, "--format", "markdown", "--detailed-exitcode")
     assert result.code == 0, result.err
@@ -191,6 +197,7 @@ def test_offline_plan_from_a_snapshot_equals_the_live_plan_at_that_moment(env: E
     kids = review_cluster(env)
     put_private_material(env)
     assert env.cli("converge", "--at", AT).code == 0  # a bundle exists, etcd deleted the revoked
+    assert env.cli("reload-done").code == 0  # no restart configured: the operator restarted
     env.publish(private_key("ec256", 44), "ctrl1010.example.org")  # another host awaits review
     env.state(
         [(kids["current"], "ctrl1001.example.org"), (kids["untrusted"], "ctrl1009.example.org")],
@@ -226,7 +233,8 @@ def test_offline_plan_from_a_snapshot_equals_the_live_plan_at_that_moment(env: E
     # R5: the untrusted key is the newest ctrl1002 has published: refused unless revoked.
     assert plan.code == 1
     assert any(
-        f"the plan removes {kids['expiring']}, the newest key ctrl1002.example.org" in e
+        f"the plan removes {kids['expiring']} (ctrl1002.example.org) from the bundle" in e
+        and "the newest key ctrl1002.example.org has published" in e
         for e in report["errors"]
     )
 

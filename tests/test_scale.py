@@ -21,8 +21,9 @@ from conftest import Env
 from support import T0, entry_value, kid
 
 KEYS = 10_000
-# Revoked keys: converge deletes them from etcd, in more deletes than one transaction
-# may hold. (Certificate expiry deletes nothing, R1.)
+# Revoked keys of many hosts: prune deletes them from etcd, in more deletes than one
+# transaction may hold. (Certificate expiry deletes nothing, R1; converge deletes only
+# its own host's entries, R13.)
 REVOKED = 3 * MAX_TXN_OPS + 1
 GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -84,7 +85,7 @@ def test_read_halves_pages_over_the_grpc_message_limit(
     assert {e.key for e in observed.entries} == {env.prefix + k for k, _v in valid}
 
 
-def test_converge_bundles_10000_keys_and_batches_deletes(
+def test_converge_bundles_10000_keys_and_prune_batches_deletes(
     env: Env, valid: Published, revoked: Published
 ) -> None:
     _load(env, valid + revoked)
@@ -94,6 +95,7 @@ def test_converge_bundles_10000_keys_and_batches_deletes(
         [k for k, _v in valid],
         etcd={"timeout": "60s"},
         revoked=[{"fingerprint": k} for k, _v in revoked],
+        bundle={"reload": ["true"]},
     )
     at = ("--at", format_time(T0))
 
@@ -103,9 +105,11 @@ def test_converge_bundles_10000_keys_and_batches_deletes(
     keys, problems = parse_pem_bundle(env.bundle.read_bytes())
     assert problems == []
     assert sorted(k.kid for k in keys) == sorted(k for k, _v in valid)
-    # The revoked keys went, in several transactions: etcd refuses more than 128
+    assert env.cli("check", "--quiet", *at).code == 1  # in sync
+    # prune deletes the revoked keys, in several transactions: etcd refuses more than 128
     # operations in one. (env.dump() cannot read this much: its client keeps gRPC's 4 MiB.)
+    pruned = env.cli("prune", "--detailed-exitcode", "--quiet", *at)
+    assert pruned.code == 2, pruned.err
     with EtcdStore(_config(env)) as store:
         left = store.read(env.prefix)
     assert {e.key for e in left.entries} == {env.prefix + k for k, _v in valid}
-    assert env.cli("check", "--quiet", *at).code == 1  # in sync

@@ -238,7 +238,7 @@ def test_converge_over_tls_with_client_certificate(tls_etcd: TlsEtcd, tmp_path: 
         "publish", "--state", str(state), "--cert", str(cert), "--host", "ctrl1002.example.org"
     )
     assert result.code == 0, result.err
-    assert PREFIX + kid(other) in tls_etcd.keys(PREFIX)
+    assert f"{PREFIX}ctrl1002.example.org/{kid(other)}" in tls_etcd.keys(PREFIX)
 
 
 @pytest.mark.parametrize(
@@ -398,7 +398,10 @@ def test_password_file_auth_converges_and_never_shows_the_password(
     _no_password(seen.read_bytes())
     assert f"# {kid(key)} ctrl1.example.org" in (tmp_path / "sa-certs.pem").read_text()
     snapshot = json.loads(outputs[10])
-    assert [e["key"] for e in snapshot["entries"]] == [auth_etcd.prefix + kid(key)]
+    # ctrl1's own entry, moved to its path by its own converge (R12).
+    assert [e["key"] for e in snapshot["entries"]] == [
+        f"{auth_etcd.prefix}ctrl1.example.org/{kid(key)}"
+    ]
     # The status record was written with the same credentials.
     status = auth_etcd.ctl("get", AUTH_ROOT + "kube-apiserver-sa-status/ctrl1.example.org")
     assert f'"kids": ["{kid(key)}"]'.encode() in status

@@ -74,11 +74,17 @@ def test_1_chained_legacy_entry_migrates_with_its_leaf_and_adopt_offers_no_ca_ke
     assert sorted(report["bundle"]["kids_after"]) == sorted(
         leaf.kid for i, leaf in enumerate(leaves) if i != 1
     )
+    # R13: each host moves its own entry (here the pins say whose each is).
+    assert env.prefix + HOSTS[0] in env.dump() and env.prefix + HOSTS[1] not in env.dump()
+    for fqdn in (HOSTS[0], HOSTS[2]):
+        assert env.cli("converge", "--host", fqdn, "--at", AT).code == 0
     dump = env.dump()
-    for leaf in leaves:
-        stored = dump[env.prefix + leaf.kid]
+    for leaf, fqdn in zip(leaves, HOSTS, strict=True):
+        stored = dump[env.key(fqdn, leaf.kid)]
         assert stored.endswith(leaf.chained), "the intermediate stays after the leaf"
-    assert not any(fqdn in key for key in dump for fqdn in HOSTS)
+    assert sorted(dump) == sorted(
+        env.key(f, leaf.kid) for leaf, f in zip(leaves, HOSTS, strict=True)
+    )
     adopted = env.cli(
         "adopt", "--state", str(env.state_path), "--bundle-path", str(env.bundle), "--at", AT
     )
@@ -150,7 +156,8 @@ def test_5_a_typo_in_a_trusted_kid_is_refused_and_suggested(env: Env) -> None:
     assert run_cli("validate", str(env.state_path)).code == 0  # a kid-shaped typo validates
     plan = env.cli("plan", "--host", HOSTS[1], "--at", AT, "--format", "json")
     assert plan.code == 1
-    assert f"the plan removes {good}, the newest key {HOSTS[0]} has published" in plan.err
+    assert f"the plan removes {good} ({HOSTS[0]}) from the bundle" in plan.err
+    assert f"the newest key {HOSTS[0]} has published: its apiserver probably signs" in plan.err
     report = json.loads(plan.out)
     assert any(f"did you mean {good} (published by {HOSTS[0]})" in w for w in report["warnings"])
     converge = env.cli("converge", "--host", HOSTS[1], "--at", AT)
@@ -182,7 +189,7 @@ def test_6_publish_host_rules_chained_files_ca_and_revoked(env: Env) -> None:
     assert ok.code == 2 and env.dump() == {}
     ok = env.cli("publish", "--cert", str(cert), "--host", HOSTS[1])
     assert ok.code == 0, ok.err
-    assert env.dump()[env.prefix + named.kid].endswith(named.chained)
+    assert env.dump()[env.key(HOSTS[1], named.kid)].endswith(named.chained)
     assert env.cli("publish", "--cert", str(cert), "--host", HOSTS[1], "--check").code == 0
     ca = env.tmp / "ca.pem"
     ca.write_bytes(pki.ca_file(with_intermediate=True))
@@ -195,7 +202,7 @@ def test_6_publish_host_rules_chained_files_ca_and_revoked(env: Env) -> None:
     revoked_file.write_bytes(revoked.chained)
     again = env.cli("publish", "--cert", str(revoked_file), "--host", HOSTS[2])
     assert again.code == 1 and "it is revoked (exposed)" in again.err
-    assert env.prefix + revoked.kid not in env.dump()
+    assert not any(revoked.kid in key for key in env.dump())
 
 
 def test_7_an_untrusted_junk_key_never_becomes_a_hosts_current_key(env: Env) -> None:
@@ -217,7 +224,7 @@ def test_7_an_untrusted_junk_key_never_becomes_a_hosts_current_key(env: Env) -> 
         result = env.cli("converge", "--host", HOSTS[0], "--at", z(later), "--format", "json")
         assert result.code == 0, result.err
         assert json.loads(result.out)["changed"] is False
-    env.etcd.client.delete(env.prefix + junk.kid)
+    env.etcd.client.delete(env.key(HOSTS[0], junk.kid))
     assert env.cli("converge", "--host", HOSTS[0], "--at", z(later)).code == 0
     assert env.bundle_bytes() == before
     assert reloads.read_text().count("reload") == 1

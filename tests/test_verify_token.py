@@ -25,7 +25,7 @@ KINDS = {"RS256": "rsa2048", "ES256": "ec256"}
 def cluster(env: Env) -> Env:
     """Two control planes, one RSA and one P-256, converged: the bundle holds both."""
     kids = [env.publish(private_key(KINDS["RS256"], 0), A), env.publish(private_key("ec256", 0), B)]
-    env.state(list(zip(kids, (A, B), strict=True)))
+    env.state(list(zip(kids, (A, B), strict=True)), bundle={"reload": ["true"]})
     assert env.cli("converge", "--at", AT).code == 0
     return env
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sakeystate.fleet import WATCH_KEY
+
+from support import bundle_file_kids, private_key, state_data, write_state
+
+if TYPE_CHECKING:
+    from conftest import Env
 
 SAKEYSTATE = str(Path(sys.executable).parent / "sakeystate")
 _PROBE = str(Path(__file__).with_name("reload_probe.py"))
@@ -113,3 +123,92 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# --- restart-lifecycle helpers: detached restarts, several hosts on one etcd --------------
+#
+# A restart command is the probe started through ``setsid --wait``, as ``systemctl
+# restart`` starts a systemd job: killing the command (its process group) does not stop
+# the restart, which goes on in a session of its own; the probe's start/end lines show
+# whether two restarts ever overlapped, and whether one was cut short.
+
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+
+
+def detached(log: Path, name: str, pause: float = 0.0) -> list[str]:
+    """A restart that runs in a session of its own, as a systemd job does."""
+    return [SETSID, "--wait", *probe(log, name, pause)]
+
+
+def failing_check() -> list[str]:
+    return [sys.executable, "-c", "raise SystemExit(1)"]
+
+
+def lock_key(env: Env) -> str:
+    return env.prefix.split("/kube-apiserver-sa-certs/")[0] + "/reload-lock"
+
+
+def status_prefix(env: Env) -> str:
+    return env.prefix.rstrip("/").rsplit("/", 1)[0] + "/kube-apiserver-sa-status/"
+
+
+@dataclass
+class Host:
+    """One control plane of a fleet sharing the test's etcd: its own bundle and state."""
+
+    name: str
+    state: Path
+    bundle: Path
+
+    @property
+    def marker(self) -> Path:
+        return Path(str(self.bundle) + ".reload-pending")
+
+    def kids(self) -> set[str]:
+        return bundle_file_kids(self.bundle)
+
+
+def fleet_hosts(count: int, site: str = "example.org") -> list[str]:
+    return [f"ctrl{1001 + i}.{site}" for i in range(count)]
+
+
+def make_fleet(
+    env: Env,
+    names: list[str],
+    log: Path,
+    pause: float = 0.3,
+    index: int = 200,
+    **bundle: Any,
+) -> tuple[list[Host], list[str]]:
+    """Hosts with published, pinned keys; each restarts through a detached probe."""
+    kids = [env.publish(private_key("ec256", index + i), h) for i, h in enumerate(names)]
+    hosts = []
+    for name in names:
+        path = env.tmp / f"{name}.pem"
+        config: dict[str, Any] = {"path": str(path), "reload": detached(log, name, pause)}
+        config.update(bundle.get(name, bundle.get("all", {})))
+        config = {k: v for k, v in config.items() if v is not None}  # None: not configured
+        data = state_data(
+            env.etcd.url,
+            env.prefix,
+            path,
+            list(zip(kids, names, strict=True)),
+            etcd={"reload_lock": lock_key(env)},
+            fleet=names,
+            bundle=config,
+        )
+        hosts.append(Host(name, write_state(env.tmp / f"{name}.yaml", data), path))
+    return hosts, kids
+
+
+def record(env: Env, host: str) -> dict[str, Any] | None:
+    value = env.etcd.get(status_prefix(env) + host)
+    return None if value is None else dict(json.loads(value))
+
+
+def live(env: Env, host: str) -> bool:
+    return bool(env.etcd.dump(f"{status_prefix(env)}{host}/{WATCH_KEY}"))
+
+
+def runs_of(log: Path, name: str) -> list[Reload]:
+    return [r for r in reloads(log) if r.name == name]
