@@ -148,7 +148,15 @@ def apply_etcd(store: EtcdStore, current: Plan) -> tuple[bool, list[str]]:
             if action.op != "migrate":
                 raise
             copy = [w for w in action.writes if isinstance(w, Put)]
-            ok = not copy or store.transaction(action.guards[:1], copy)
+            try:
+                ok = not copy or store.transaction(action.guards[:1], copy)
+            except PermissionDenied as error:
+                # Not even the new copy: the old one stays in use; nothing else changes.
+                notes.append(
+                    f"etcd key {action.key}: this host may not move its key to its own "
+                    f"entry ({error}); the old copy is read meanwhile"
+                )
+                continue
             notes.append(
                 f"etcd key {action.key}: this host may not delete this old copy of its key "
                 "(the per-host grants); it is read meanwhile; an operator's `sakeystate "

@@ -212,6 +212,7 @@ def test_a_read_only_role_can_plan_and_is_refused_writes_naming_the_grant(
         tmp_path / "sa.pem",
         [(kid(key), "ctrl9.example.org")],
         host="ctrl9.example.org",
+        bundle={"path": str(tmp_path / "sa.pem"), "reload": ["/bin/true"]},
         etcd={
             "endpoints": cluster.endpoints(),
             "status_prefix": STATUS,
@@ -236,6 +237,9 @@ def test_a_read_only_role_can_plan_and_is_refused_writes_naming_the_grant(
     assert f"writing {record} to etcd refused by http://127.0.0.1:" in err, err
     assert "as etcd user 'reader'" in err and "PERMISSION_DENIED" in err
     assert f"needs readwrite on the key {record} (see docs/etcd-rbac.md)" in err
+    # Its key stays in the flat layout it was published in: moving it is a write too.
+    assert f"etcd key {PREFIX + kid(key)}: this host may not move its key" in err, err
+    assert PREFIX + kid(key) in cluster.dump(PREFIX)
     assert "Traceback" not in err
 
 

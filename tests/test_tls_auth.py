@@ -202,13 +202,15 @@ def tls_etcd() -> Iterator[TlsEtcd]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _tls_state(tmp_path: Path, url: str, tls: dict[str, str], trusted: list[Any]) -> Path:
+def _tls_state(
+    tmp_path: Path, url: str, tls: dict[str, str], trusted: list[Any], timeout: str = "1s"
+) -> Path:
     data = state_data(
         url,
         PREFIX,
         tmp_path / "sa-certs.pem",
         trusted,
-        etcd={"tls": tls, "timeout": "1s"},
+        etcd={"tls": tls, "timeout": timeout},
     )
     return write_state(tmp_path / "state.yaml", data)
 
@@ -268,7 +270,10 @@ def test_bad_tls_fails_with_an_error_naming_the_endpoint(
             "key_file": str(pki.client_key),
         },
     }[case]
-    state = _tls_state(tmp_path, tls_etcd.server.url, tls, [(kid(key), "ctrl1001.example.org")])
+    # A deadline long enough for a loaded machine to finish the handshake it refuses.
+    state = _tls_state(
+        tmp_path, tls_etcd.server.url, tls, [(kid(key), "ctrl1001.example.org")], "3s"
+    )
     for command in ("converge", "plan", "inspect"):
         result = run_cli(command, "--state", str(state))
         assert result.code == 1, (command, result)

@@ -24,17 +24,8 @@ author:
   - sakeystate maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sakeystate.sakeystate.common
+  - sakeystate.sakeystate.state
 options:
-  state_file:
-    description:
-      - Path on the target of the desired-state YAML file.
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: path
-  desired_state:
-    description:
-      - The desired state as a mapping, as in M(sakeystate.sakeystate.converge).
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: dict
   at:
     description:
       - Evaluate time-based policy as of this moment (RFC 3339), for example the day a

@@ -25,17 +25,8 @@ author:
   - sakeystate maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sakeystate.sakeystate.common
+  - sakeystate.sakeystate.state
 options:
-  state_file:
-    description:
-      - Path on the target of the desired-state YAML file (for etcd's endpoints and prefix).
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: path
-  desired_state:
-    description:
-      - The desired state as a mapping, as in M(sakeystate.sakeystate.converge).
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: dict
   cert:
     description:
       - Path on the target of the PEM certificate (a chained file is fine) or public key.

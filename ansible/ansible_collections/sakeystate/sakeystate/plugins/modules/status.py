@@ -26,17 +26,7 @@ author:
   - sakeystate maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sakeystate.sakeystate.common
-options:
-  state_file:
-    description:
-      - Path on the target of the desired-state YAML file.
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: path
-  desired_state:
-    description:
-      - The desired state as a mapping, as in M(sakeystate.sakeystate.converge).
-      - Exactly one of O(state_file) and O(desired_state) is required.
-    type: dict
+  - sakeystate.sakeystate.state
 seealso:
   - module: sakeystate.sakeystate.wait
   - module: sakeystate.sakeystate.plan_info
