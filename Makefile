@@ -72,15 +72,18 @@ bench: $(STAMP) e2e-binaries
 	$(BIN)/python bench/restarts.py
 	$(BIN)/python bench/etcd_client.py
 	$(E2E_ENV) $(BIN)/python bench/e2e.py
+	$(E2E_ENV) $(BIN)/python bench/signer_e2e.py
 
 # The etcd client alone: no-op check before (main) and after, 1 and 3 endpoints; and
 # OpenStack's etcd3gw when SAKEYSTATE_ETCD3GW_PYTHON names a Python that has it.
 bench-etcd: $(STAMP)
 	$(BIN)/python bench/etcd_client.py
 
-# The end-to-end numbers alone (real restarts, the new-key window): a few minutes.
+# The end-to-end numbers alone (real restarts, the new-key window in file mode and in
+# signer mode, 20 reimages there): several minutes.
 bench-e2e: e2e-binaries
 	$(E2E_ENV) $(BIN)/python bench/e2e.py
+	$(E2E_ENV) $(BIN)/python bench/signer_e2e.py
 
 # The end-to-end suite (e2e/; `make test` does not collect it): three real kube-apiservers
 # built from the Kubernetes Go module at pinned releases, on a real etcd, sakeystate on
