@@ -26,11 +26,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+import binaries
 import kube
 from harness import ISSUER, NAMESPACE, SERVICE_ACCOUNT, Cluster, ControlPlane, Token
 from scenario import Board, Continuous, Scenario, truthful_status
@@ -40,21 +40,37 @@ REFRESH_HINT = 15  # signer.refresh_hint, seconds: bounds how long a revoked key
 OUTAGE = 10.0  # how long the killed signer stays down
 
 
-@pytest.fixture(scope="module")
+_VERSIONS: dict[int, str] = {}
+
+
+@pytest.fixture(scope="module", params=binaries.kube_versions())
 def live(
-    kube_apiserver: Path,
+    request: pytest.FixtureRequest,
     namespaces: None,
     etcd_binary: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    """Three control planes on one etcd member, booted in file mode (S4a migrates them)."""
-    root = tmp_path_factory.mktemp("signer")
+    """Three control planes on one etcd member, booted in file mode (S4a migrates them),
+    on each configured release (``E2E_KUBE=v1.37.2,v1.34.4``: the oldest signer-mode
+    release too, where ExternalJWTSigner is beta and on by default)."""
+    version = str(request.param)
+    kube_apiserver = binaries.binary("kube-apiserver", version)
+    root = tmp_path_factory.mktemp(f"signer-{version}")
     cluster = Cluster(root, kube_apiserver, refresh_hint=f"{REFRESH_HINT}s")
+    _VERSIONS[id(cluster)] = version
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.close()
+        _VERSIONS.pop(id(cluster), None)
+
+
+def title(cluster: Cluster, name: str) -> str:
+    """A scenario's name on the board, with the release when several run."""
+    if len(binaries.kube_versions()) == 1:
+        return name
+    return f"{name} ({_VERSIONS.get(id(cluster), '?')})"
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -70,6 +86,7 @@ def fresh_tokens(cluster: Cluster, planes: list[ControlPlane] | None = None) -> 
 
 def check_truthful(cluster: Cluster, board: Board, after: str) -> None:
     """Scenario 8: every status record claims exactly what its apiserver verifies."""
+    after = title(cluster, after)
     differences = truthful_status(cluster)
     board.add(
         {
@@ -215,7 +232,7 @@ def reloads(s: Scenario) -> list[Any]:
 
 def test_s4a_migration_file_mode_to_signer_mode(live: Cluster, board: Board) -> None:
     cluster = live
-    s = Scenario(cluster, "S4a migration file -> signer mode")
+    s = Scenario(cluster, title(cluster, "S4a migration file -> signer mode"))
     before = fresh_tokens(cluster)
     s.expect_valid(before, step="before (file mode)")
     with Continuous(s, before, cluster.planes) as continuous:
@@ -237,12 +254,14 @@ def test_s1_reimage_in_signer_mode_restarts_no_apiserver(live: Cluster, board: B
     its boot); its first token verifies on every peer on first presentation."""
     cluster = live
     ensure_signer_mode(cluster)
-    s = Scenario(cluster, "S1 reimage, signer mode")
+    s = Scenario(cluster, title(cluster, "S1 reimage, signer mode"))
     target = cluster["ctrl1002"]
     peers = [p for p in cluster.planes if p is not target]
     before = fresh_tokens(cluster)
     s.expect_valid(before, step="before")
-    with Continuous(s, before, peers) as continuous:
+    # Every apiserver, the reimaged one too: while it is down it gives no answer (not a
+    # rejection), from its boot on it must verify every token.
+    with Continuous(s, before, cluster.planes) as continuous:
         # 1. Depooled and reinstalled: its apiserver and its signer go down with it.
         target.stop()
         assert target.stop_signer() == 0
@@ -297,7 +316,7 @@ def test_s2_revocation_in_signer_mode(live: Cluster, board: Board) -> None:
     host (asserted only against a generous bound); ``wait --absent`` returns."""
     cluster = live
     ensure_signer_mode(cluster)
-    s = Scenario(cluster, "S2 revocation, signer mode")
+    s = Scenario(cluster, title(cluster, "S2 revocation, signer mode"))
     target = cluster["ctrl1002"]
     assert len(target.keys) >= 2, "S1 reimaged ctrl1002"
     revoked = target.keys[-2].kid
@@ -343,7 +362,7 @@ def test_s3_signer_killed_and_restarted_on_one_host(live: Cluster, board: Board)
     TokenRequest fails; after the signer restarted, TokenRequest succeeds again."""
     cluster = live
     ensure_signer_mode(cluster)
-    s = Scenario(cluster, "S3 signer killed on one host")
+    s = Scenario(cluster, title(cluster, "S3 signer killed on one host"))
     host = cluster["ctrl1001"]
     revoked = {r["fingerprint"] for r in cluster.state.get("revoked", [])}
     valid = [t for t in cluster.tokens if t.kid not in revoked and t.kind != "probe"]
@@ -394,7 +413,7 @@ def test_s4b_migration_signer_mode_to_file_mode(live: Cluster, board: Board) -> 
     """docs/signer.md "Signer mode -> file mode", one host at a time, tokens flowing."""
     cluster = live
     ensure_signer_mode(cluster)
-    s = Scenario(cluster, "S4b migration signer -> file mode")
+    s = Scenario(cluster, title(cluster, "S4b migration signer -> file mode"))
     revoked = {r["fingerprint"] for r in cluster.state.get("revoked", [])}
     before = [*fresh_tokens(cluster), *[t for t in cluster.tokens if t.kid not in revoked][-24:]]
     s.expect_valid(before, step="before (signer mode)")
