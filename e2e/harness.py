@@ -17,6 +17,13 @@
   production: every sakeystate command of a host runs in a private mount namespace
   where that host's directory is bind-mounted on the shared path (``unshare``), so
   ``/…/host/pki/kube-apiserver-sa-certs.pem`` is each host's own bundle.
+- **Two modes** per control plane: ``file`` (the apiserver reads its key files and
+  sakeystate's ``bundle.reload`` restarts it) and ``signer`` (restart-free: the
+  apiserver runs with ``--service-account-signing-endpoint`` and a supervised
+  ``sakeystate signer`` in the host's mount namespace serves it; the state gains a
+  ``signer`` section). ``Cluster(mode=...)`` boots every host in one of them;
+  ``ControlPlane.set_mode`` rewrites a host's unit for a migration, and
+  ``ControlPlane.restart`` is the operator's one restart that applies it.
 
 Tokens are real: ``TokenRequest`` from an apiserver (plain, bound to a Secret, bound to a
 Pod), legacy-format tokens signed with a host's private key and stored in a
@@ -144,6 +151,9 @@ class ControlPlane:
         self._watch_offset = 0
         self._api: kube.Api | None = None
         self.key_file_override: list[str] | None = None
+        self.mode = cluster.mode  # "file" or "signer": how its apiserver gets its keys
+        self.signer: subprocess.Popen[bytes] | None = None
+        self._signer_offset = 0
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -162,6 +172,11 @@ class ControlPlane:
     @property
     def bundle(self) -> Path:
         return self.pki / "kube-apiserver-sa-certs.pem"
+
+    @property
+    def signer_socket(self) -> Path:
+        """``signer.socket`` as this host's apiserver (outside the namespace) names it."""
+        return self.dir / "signer.sock"
 
     @property
     def events_path(self) -> Path:
@@ -216,7 +231,16 @@ class ControlPlane:
 
     def apiserver_argv(self) -> list[str]:
         c = self.cluster
-        key_files = self.key_file_override or [str(self.own_leaf), str(self.bundle)]
+        if self.mode == "signer":
+            # The endpoint replaces both key-file flags: kube-apiserver refuses either
+            # beside it.
+            keys = [f"--service-account-signing-endpoint={self.signer_socket}"]
+        else:
+            key_files = self.key_file_override or [str(self.own_leaf), str(self.bundle)]
+            keys = [
+                f"--service-account-signing-key-file={self.signing_key}",
+                *(f"--service-account-key-file={path}" for path in key_files),
+            ]
         return [
             str(c.kube_apiserver),
             f"--etcd-servers={c.etcd_urls}",
@@ -231,13 +255,13 @@ class ControlPlane:
             "--service-cluster-ip-range=10.96.0.0/16",
             f"--service-account-issuer={ISSUER}",
             f"--api-audiences={ISSUER}",
-            f"--service-account-signing-key-file={self.signing_key}",
-            *(f"--service-account-key-file={path}" for path in key_files),
+            *keys,
             *QUIET_FLAGS,
             *c.extra_flags,
         ]
 
-    def launch_supervisor(self) -> None:
+    def write_unit(self) -> None:
+        """The apiserver's unit (its supervisor reads the command line at each start)."""
         unit = {
             "argv": self.apiserver_argv(),
             "log": str(self.dir / "apiserver.log"),
@@ -249,6 +273,15 @@ class ControlPlane:
             "readyz": {"url": self.url, "ca": str(self.cluster.ca_file)},
         }
         _write(self.dir / "unit.json", json.dumps(unit, indent=1).encode())
+
+    def set_mode(self, mode: str) -> None:
+        """Change the apiserver's flags to ``mode`` (applied at its next start)."""
+        assert mode in ("file", "signer"), mode
+        self.mode = mode
+        self.write_unit()
+
+    def launch_supervisor(self) -> None:
+        self.write_unit()
         self.control.unlink(missing_ok=True)  # a previous supervisor's
         with open(self.dir / "supervisor.log", "ab") as log:
             self.supervisor = subprocess.Popen(
@@ -283,6 +316,16 @@ class ControlPlane:
             raise RuntimeError(f"{self.short}: stop {reply}")
         self.close_api()
 
+    def restart(self) -> None:
+        """The operator restarts the apiserver (``systemctl restart``, e.g. to switch its
+        mode), then checks /readyz; the pass is a ``check-ok`` event, as reload_check's."""
+        reply = self.unit("restart")
+        if not reply.startswith("ok"):
+            raise RuntimeError(f"{self.short}: restart {reply}\n{self.log_tail()}")
+        self.close_api()
+        self.api.wait_ready(START_TIMEOUT)
+        self._note("check-ok")
+
     def running(self) -> bool:
         return self.unit("status").startswith("running")
 
@@ -295,6 +338,7 @@ class ControlPlane:
             except subprocess.TimeoutExpired:
                 os.killpg(self.supervisor.pid, signal.SIGKILL)
                 self.supervisor.wait()
+        self.stop_signer()
         self.close_api()
 
     def log_tail(self, lines: int = 15) -> str:
@@ -464,6 +508,58 @@ class ControlPlane:
                 return -9
         return watcher.returncode
 
+    def start_signer(self, *args: str, wait: bool = True) -> float:
+        """``sakeystate signer`` on this host (as its systemd unit runs it), in the host's
+        mount namespace; with ``wait``, until its first pass ended (it serves the
+        converged set). Returns when it was started (time.time())."""
+        assert self.signer is None
+        log_path = self.dir / "signer.log"
+        self._signer_offset = log_path.stat().st_size if log_path.exists() else 0
+        started = time.time()
+        with open(log_path, "ab") as log:
+            self.signer = subprocess.Popen(
+                self.sakeystate_argv("signer", *args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.cluster.env,
+            )
+        if wait:
+            self.wait_signer_pass(1)
+        return started
+
+    def signer_output(self) -> str:
+        """What the current signer wrote (its log since it started)."""
+        with open(self.dir / "signer.log", "rb") as log:
+            log.seek(self._signer_offset)
+            return log.read().decode(errors="replace")
+
+    def wait_signer_pass(self, number: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while f"sakeystate watch: pass {number} " not in self.signer_output():
+            assert self.signer is not None
+            if self.signer.poll() is not None or time.monotonic() > deadline:
+                output = self.signer_output()
+                raise RuntimeError(f"{self.short}: no signer pass {number}:\n{output}")
+            time.sleep(0.1)
+        assert self.signer_socket.exists(), self.signer_output()
+
+    def stop_signer(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the signer (SIGTERM: a planned stop; SIGKILL: a crash); its exit status
+        (0 on SIGTERM is the contract)."""
+        if self.signer is None:
+            return None
+        signer, self.signer = self.signer, None
+        if signer.poll() is None:
+            signer.send_signal(sig)
+            try:
+                return signer.wait(120)
+            except subprocess.TimeoutExpired:
+                signer.kill()
+                signer.wait()
+                return -9
+        return signer.returncode
+
     def status_record(self) -> dict[str, Any] | None:
         value = self.cluster.etcd_get(self.cluster.status_prefix + self.name)
         return None if value is None else dict(json.loads(value))
@@ -512,7 +608,12 @@ class Cluster:
         extra_flags: Iterable[str] = (),
         etcd: EtcdServer | None = None,
         etcd_members: int = 1,
+        mode: str = "file",
+        refresh_hint: str = "60s",
     ) -> None:
+        assert mode in ("file", "signer"), mode
+        self.mode = mode  # every host's at boot
+        self.refresh_hint = refresh_hint  # signer.refresh_hint
         self.root = root
         self.kube_apiserver = kube_apiserver
         self.registry = registry
@@ -649,6 +750,16 @@ class Cluster:
                 "min_keys": 1,
                 "max_removals": 2,
             },
+            **({"signer": self.signer_section()} if self.mode == "signer" else {}),
+        }
+
+    def signer_section(self) -> dict[str, Any]:
+        """The state's ``signer`` section (file-mode hosts ignore it): the socket on the
+        shared path (each host's own, in its namespace), the host's private key."""
+        return {
+            "socket": str(self.mount / "signer.sock"),
+            "private_key_file": str(self.mount / "pki" / "sa-key.pem"),
+            "refresh_hint": self.refresh_hint,
         }
 
     def write_state(self) -> None:
@@ -687,12 +798,20 @@ class Cluster:
 
     def start(self) -> None:
         """Boot the cluster: every host publishes, converges (which starts its apiserver
-        through the reload, under the lock), and the workload's ServiceAccount is made."""
+        through the reload, under the lock), and the workload's ServiceAccount is made.
+        In signer mode every host's signer converges and serves, then the apiservers
+        start (the unit's ``Before=kube-apiserver.service``)."""
         self.install()
         for plane in self.planes:
             plane.ok("publish")
-        for plane in self.planes:
-            plane.ok("converge")
+        if self.mode == "signer":
+            for plane in self.planes:
+                plane.start_signer()
+            for plane in self.planes:
+                plane.start()
+        else:
+            for plane in self.planes:
+                plane.ok("converge")
         self.make_workload(self.planes[0])
 
     def make_workload(self, plane: ControlPlane) -> None:

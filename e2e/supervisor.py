@@ -11,6 +11,10 @@ that control plane's kube-apiserver process, as systemd owns a ``Type=notify`` u
 - ``restart``: stop (if running), then start: what ``systemctl restart`` does;
 - ``status``: ``running <pid>`` or ``stopped``.
 
+Each start reads the command line again from ``UNIT.json`` (systemd's
+``daemon-reload`` then ``start``): the harness switches an apiserver between file
+mode and signer mode by rewriting its unit and restarting it.
+
 Commands arrive one line at a time on a unix stream socket (``control``) and are
 run one after another, like jobs on one unit; the reply (``ok ...`` or
 ``failed ...``) is sent when the job finished. A process that exits on its own
@@ -54,7 +58,8 @@ def note(events: str, event: str, **fields: Any) -> None:
 
 
 class Unit:
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], path: Path | None = None) -> None:
+        self.path = path
         self.argv: list[str] = config["argv"]
         self.log: str = config["log"]
         self.events: str = config["events"]
@@ -71,6 +76,8 @@ class Unit:
         if self.running():
             return f"ok already running {self.proc.pid}"  # type: ignore[union-attr]
         self._drain_notify()
+        if self.path is not None:  # daemon-reload: the unit as it is now
+            self.argv = json.loads(self.path.read_text())["argv"]
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
         with open(self.log, "ab") as log:
             log.write(f"--- supervisor: start at {time.time():.3f}\n".encode())
@@ -197,8 +204,9 @@ def serve(unit: Unit, control_path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    config = json.loads(Path(argv[1]).read_text())
-    serve(Unit(config), config["control"])
+    path = Path(argv[1])
+    config = json.loads(path.read_text())
+    serve(Unit(config, path), config["control"])
     return 0
 
 

@@ -19,7 +19,12 @@ def test_every_flag_the_harness_gives_is_in_the_binarys_help(version: str, tmp_p
     text = shown.stdout + shown.stderr
     cluster = Cluster(tmp_path, kube, etcd=EtcdServer(str(tmp_path)))
     argv = cluster.planes[0].apiserver_argv()
-    flags = {arg.split("=", 1)[0] for arg in argv[1:]}
+    cluster.planes[1].mode = "signer"  # restart-free mode's flags (test_signer_mode.py)
+    signer_argv = cluster.planes[1].apiserver_argv()
+    assert not [a for a in signer_argv if a.startswith("--service-account-key-file")]
+    assert not [a for a in signer_argv if a.startswith("--service-account-signing-key-file")]
+    flags = {arg.split("=", 1)[0] for arg in argv[1:] + signer_argv[1:]}
+    assert "--service-account-signing-endpoint" in flags
     assert set(QUIET_FLAGS) <= set(argv)
     missing = sorted(flag for flag in flags if f"  {flag} " not in text)
     assert not missing, f"kube-apiserver {version} --help does not list {missing}"
