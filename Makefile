@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
-# make test runs the suite on three workers, one test file per worker: most tests wait on
-# etcd, subprocesses and timeouts rather than the CPU, so three fit CI's two cores
-# (PYTEST_WORKERS=0 runs it in one process).
+# make test runs the suite on three workers, one test file at a time per worker, the
+# longest files first (tests/conftest.py): most tests wait on etcd, subprocesses and
+# timeouts rather than the CPU, so three fit CI's two cores (PYTEST_WORKERS=0 runs it in
+# one process).
 PYTEST_WORKERS ?= 3
 
 .PHONY: all venv demo test lint typecheck unit bench bench-etcd clean docs-gen docs-check dist \
@@ -35,6 +36,7 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder \
 		$(PYTEST_ARGS)
 
 test: lint typecheck unit

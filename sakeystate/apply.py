@@ -16,13 +16,14 @@ from datetime import datetime
 
 from sakeystate import bundle, restart
 from sakeystate.anchors import Anchor, load_roots
-from sakeystate.errors import EtcdError, PermissionDenied, Refused, SakeystateError
+from sakeystate.errors import EtcdError, PermissionDenied, SakeystateError
 from sakeystate.etcd import EtcdStore, batches
 from sakeystate.keys import KeyInfo
 from sakeystate.model import BundleObservation, Delete, EtcdEntry, EtcdObservation, Guard, Put
 from sakeystate.plan import (
     LocalFacts,
     Plan,
+    Refused,
     StatusObservation,
     certify,
     own_entry_key,

@@ -186,8 +186,8 @@ def _say_outcome(outcome: Outcome) -> None:
 def cmd_converge(args: argparse.Namespace) -> int:
     from sakeystate import restart
     from sakeystate.apply import converge
-    from sakeystate.errors import Refused
     from sakeystate.etcd import EtcdStore
+    from sakeystate.plan import Refused
 
     desired = _load(args)
     who = restart.Who.CALLER if args.no_reload else restart.Who.RUN
@@ -434,8 +434,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from sakeystate.apply import local_facts, prune
-    from sakeystate.errors import Refused
     from sakeystate.etcd import EtcdStore
+    from sakeystate.plan import Refused
     from sakeystate.state import load_state
 
     desired = load_state(args.state, None)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sakeystate.plan import Plan
-
 
 class SakeystateError(Exception):
     """An expected failure: printed to stderr as one clear message, exit 1."""
@@ -37,15 +32,5 @@ class BundleError(SakeystateError):
     """The bundle file (or its lock / marker) cannot be read or written safely."""
 
 
-class Refused(SakeystateError):
-    """The plan breaks a safety rule (min_keys, max_removals); nothing was written."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        super().__init__("refusing to converge: " + "; ".join(plan.refusals))
-
-
 class ReloadFailed(SakeystateError):
     """The reload command failed or timed out; the next run retries it."""
-
-    plan: Plan | None = None  # the plan that was applied before the reload failed

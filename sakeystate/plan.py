@@ -218,6 +218,14 @@ class Plan:
         return tuple(k for k in self.kids_before if k not in set(self.kids_after))
 
 
+class Refused(SakeystateError):
+    """The plan breaks a safety rule (min_keys, max_removals); nothing was written."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        super().__init__("refusing to converge: " + "; ".join(plan.refusals))
+
+
 # --- step 1: what etcd and the bundle hold ------------------------------------------------
 
 

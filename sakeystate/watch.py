@@ -55,12 +55,12 @@ from typing import Any
 
 from sakeystate import restart
 from sakeystate.apply import converge, observe_and_plan
-from sakeystate.errors import EtcdError, Refused, SakeystateError, StateError
+from sakeystate.errors import EtcdError, SakeystateError, StateError
 from sakeystate.etcd import EtcdStore, PrefixWatch, ReloadLock, WatchCompacted
 from sakeystate.fleet import WATCH_KEY
 from sakeystate.keys import format_time
 from sakeystate.metrics import Metrics
-from sakeystate.plan import Plan
+from sakeystate.plan import Plan, Refused
 from sakeystate.restart import LockRequest, Outcome, Restarter, Stop, StopRequested, Who
 from sakeystate.state import DesiredState, load_state
 

@@ -25,6 +25,28 @@ from support import (
 
 _prefixes = itertools.count(1)
 
+# The longest files first (`make test` keeps this order: --no-loadscope-reorder): each
+# xdist worker takes one file at a time, so the five-minute chaos test runs beside the
+# rest of the suite instead of after it, and short files fill the end.
+LONGEST_FIRST = (
+    "test_etcd_chaos.py",
+    "test_ansible.py",
+    "test_puppet.py",
+    "test_watch.py",
+    "test_etcd_matrix.py",
+    "test_restart_watch.py",
+    "test_restart_cm.py",
+    "test_ansible_sanity.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every other test keeps its order
+
 
 @pytest.fixture(scope="session")
 def etcd() -> Iterator[Etcd]:
