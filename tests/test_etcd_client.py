@@ -43,7 +43,6 @@ from sakeystate.etcd import (
     ClusterMismatch,
     EtcdStore,
     Lease,
-    LeasedKey,
     PrefixWatch,
     ReloadLock,
     lock_queue,
@@ -546,28 +545,6 @@ def test_a_sakeystate_0_2_holder_at_the_exact_key_is_waited_for(etcd: Cluster) -
         lock.acquire(5)
         assert lock.held()
         lock.release()
-
-
-# --- the leased key -------------------------------------------------------------------------
-
-
-def test_a_leased_key_lives_with_its_process_writes_nothing_idle_and_comes_back(
-    etcd: Cluster,
-) -> None:
-    key = "/c/status/ctrl1.example.org/live"
-    with LeasedKey(config(etcd), key, b"watch pid 1", ttl=2) as live:
-        assert etcd.dump(key) == {key: b"watch pid 1"}
-        revision = etcd.revision()
-        time.sleep(5)  # more than two TTLs of keepalives
-        assert etcd.revision() == revision  # keepalives are not writes
-        assert live.alive
-        lease = live._lease
-        assert lease is not None
-        etcd.ctl("lease", "revoke", format(lease.id, "x"))  # as if it had expired
-        wait_for("the loss to be noticed", lambda: live.lost.is_set() or etcd.dump(key) != {}, 15)
-        wait_for("the key to come back", lambda: etcd.dump(key) == {key: b"watch pid 1"}, 15)
-        wait_for("the loss to be cleared", lambda: live.alive, 15)
-    assert etcd.dump(key) == {}
 
 
 # --- auth tokens ----------------------------------------------------------------------------
