@@ -37,7 +37,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import dataset  # bench/dataset.py: bench/ is sys.path[0] when run as a script
+import benchdoc  # bench/benchdoc.py: bench/ is sys.path[0] when run as a script
+import dataset
 import yaml
 
 from sakeystate.keys import kid_of
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from etcd_server import EtcdServer, etcd_binary, etcdctl_binary
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "BENCHMARKS.md"
+DOC = benchdoc.DOC
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RUNS = max(5, int(os.environ.get("SAKEYSTATE_BENCH_RUNS", "5")))
 CHECK_SIZES = (3, 50, 500)
@@ -637,24 +638,10 @@ def render(r: Results) -> str:
     return "\n".join(out)
 
 
-def write_doc(section: str) -> None:
-    if DOC.exists():
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        text = f"# Benchmarks\n\nReproduce: `make bench`.\n\n{section}\n"
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(text)
-
-
 def main() -> int:
     started = time.perf_counter()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_start = benchdoc.load_average()
     print(f"sakeystate benchmark, {RUNS} runs each; generating/loading keys", file=sys.stderr)
     entries = dataset.entries(max(CONVERGE_SIZES))
     root = Path(tempfile.mkdtemp(prefix="sakeystate-bench-"))
@@ -674,7 +661,7 @@ def main() -> int:
     results = Results(
         stamp,
         time.perf_counter() - started,
-        (load_start, " ".join(f"{x:.2f}" for x in os.getloadavg())),
+        (load_start, benchdoc.load_average()),
         machine(),
         interpreter,
         checks,
@@ -684,7 +671,7 @@ def main() -> int:
     )
     section = render(results)
     print(section)
-    write_doc(section)
+    benchdoc.write_section(BEGIN, END, section)
     print(f"written to {DOC.relative_to(REPO)}", file=sys.stderr)
     return 0
 

@@ -35,10 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "e2e"), str(REPO / "tests")]
 
+import benchdoc  # noqa: E402 - bench/ is sys.path[0] when run as a script
 import binaries  # noqa: E402 - e2e/ is on sys.path now
 from harness import AcceptanceWatch, Cluster, ControlPlane, Restart  # noqa: E402
 
-DOC = REPO / "docs" / "BENCHMARKS.md"
+DOC = benchdoc.DOC
 BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
 ROUNDS = max(1, int(os.environ.get("SAKEYSTATE_BENCH_E2E_ROUNDS", "3")))
 
@@ -130,22 +131,9 @@ def render(results: dict[str, object], started: float, load: tuple[str, str]) ->
     return "\n".join(lines) + "\n"
 
 
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    if BEGIN not in text:
-        raise SystemExit(f"bench/e2e.py: {DOC} has no {BEGIN} marker")
-    head, rest = text.split(BEGIN, 1)
-    _old, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n\n{table}\n{END}{tail}")
-
-
 def main() -> int:
     started = time.time()
-    load_start = load()
+    load_start = benchdoc.load_average()
     version = binaries.kube_versions()[0]
     kube = binaries.binary("kube-apiserver", version)
     etcd = os.environ.get("SAKEYSTATE_E2E_ETCD", "3.5")
@@ -177,7 +165,7 @@ def main() -> int:
         for host in sorted({r.host for r in reloads})
     }
     per_host["all"] = anatomy(reloads)
-    load_end = load()
+    load_end = benchdoc.load_average()
     results: dict[str, object] = {
         "kube": version,
         "etcd": etcd,
@@ -187,7 +175,12 @@ def main() -> int:
     table = render(results, started, (load_start, load_end))
     print(table)
     print(f"python {platform.python_version()}")
-    write_doc(table)
+    benchdoc.write_section(
+        BEGIN,
+        END,
+        f"{BEGIN}\n\n{table}\n{END}",
+        "End to end: real kube-apiservers (`bench/e2e.py`)",
+    )
     return 0
 
 

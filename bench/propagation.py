@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import benchdoc  # bench/ is sys.path[0] when run as a script
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ from etcd_server import EtcdServer  # noqa: E402
 from pki import Pki  # noqa: E402  (tests/pki.py: the cfssl-shaped PKI generator)
 from watch_support import overlapping, probe, reloads  # noqa: E402
 
-DOC = REPO / "docs" / "BENCHMARKS.md"
+DOC = benchdoc.DOC
 BEGIN, END = "<!-- propagation:begin -->", "<!-- propagation:end -->"
 EVENTS = max(20, int(os.environ.get("SAKEYSTATE_BENCH_EVENTS", "21")))
 IDLE_SECONDS = int(os.environ.get("SAKEYSTATE_BENCH_IDLE", "60"))
@@ -269,7 +270,7 @@ def run(work: Path, etcd: EtcdServer) -> str:
         BEGIN,
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + benchdoc.load_average()
         + f"; {len(events)} events ({kinds['publish']} publishes of an anchor-certified key, "
         f"{kinds['revoke']} revocations), three watchers, `--debounce {DEBOUNCE:g}s`, "
         f"reloads sleeping {'/'.join(f'{p:g}' for p in PAUSES)} s plus a `reload_check`.",
@@ -303,16 +304,6 @@ def run(work: Path, etcd: EtcdServer) -> str:
     return "\n".join(lines)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Propagation (`watch`)\n\n" + section + "\n"
-    DOC.write_text(text)
-
-
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sakeystate-propagation-"))
     etcd = EtcdServer(str(work)).start()
@@ -322,7 +313,7 @@ def main() -> int:
         etcd.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(section)
-    write_doc(section)
+    benchdoc.write_section(BEGIN, END, section, "Propagation (`watch`)")
     return 0
 
 

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import benchdoc  # bench/ is sys.path[0] when run as a script
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ from etcd_server import EtcdServer, etcdctl_binary  # noqa: E402
 from support import entry_value  # noqa: E402
 from watch_support import detached, overlapping, reloads  # noqa: E402
 
-DOC = REPO / "docs" / "BENCHMARKS.md"
+DOC = benchdoc.DOC
 BEGIN, END = "<!-- restarts:begin -->", "<!-- restarts:end -->"
 ROUNDS = max(3, int(os.environ.get("SAKEYSTATE_BENCH_RESTART_ROUNDS", "6")))
 HOSTS = tuple(f"ctrl100{i}.eqiad.example.org" for i in range(1, 6))
@@ -190,7 +191,7 @@ def run(work: Path, etcd: EtcdServer) -> str:
         BEGIN,
         "",
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + benchdoc.load_average()
         + f"; {ROUNDS} publishes of a pinned key to five `watch` hosts on one etcd, "
         f"`--debounce {DEBOUNCE:g}s`, restarts detached with `setsid --wait` sleeping "
         f"{RESTART:g} s, `reload_timeout: {RELOAD_TIMEOUT:g}s`; {SICK}'s `reload_check` "
@@ -217,21 +218,6 @@ def run(work: Path, etcd: EtcdServer) -> str:
     return "\n".join(rows)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = (
-            text.rstrip("\n")
-            + "\n\n## Rolling restarts with one sick apiserver\n\n"
-            + section
-            + "\n"
-        )
-    DOC.write_text(text)
-
-
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sakeystate-restarts-"))
     etcd = EtcdServer(str(work)).start()
@@ -241,7 +227,7 @@ def main() -> int:
         etcd.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(section)
-    write_doc(section)
+    benchdoc.write_section(BEGIN, END, section, "Rolling restarts with one sick apiserver")
     return 0
 
 

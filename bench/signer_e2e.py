@@ -36,10 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "e2e"), str(REPO / "tests")]
 
+import benchdoc  # noqa: E402 - bench/ is sys.path[0] when run as a script
 import binaries  # noqa: E402 - e2e/ is on sys.path now
 from harness import AcceptanceWatch, Cluster, ControlPlane  # noqa: E402
 
-DOC = REPO / "docs" / "BENCHMARKS.md"
+DOC = benchdoc.DOC
 BEGIN, END = "<!-- bench-signer-e2e:begin -->", "<!-- bench-signer-e2e:end -->"
 REIMAGES = max(1, int(os.environ.get("SAKEYSTATE_BENCH_SIGNER_REIMAGES", "20")))
 REFRESH_HINT = os.environ.get("SAKEYSTATE_BENCH_SIGNER_REFRESH_HINT", "60s")
@@ -104,22 +105,9 @@ def row(name: str, values: list[float]) -> str:
     )
 
 
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    if BEGIN not in text:
-        raise SystemExit(f"bench/signer_e2e.py: {DOC} has no {BEGIN} marker")
-    head, rest = text.split(BEGIN, 1)
-    _old, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n\n{table}\n{END}{tail}")
-
-
 def main() -> int:
     started = time.time()
-    load_start = load()
+    load_start = benchdoc.load_average()
     version = binaries.kube_versions()[0]
     kube = binaries.binary("kube-apiserver", version)
     etcd = os.environ.get("SAKEYSTATE_E2E_ETCD", "3.5")
@@ -157,7 +145,7 @@ def main() -> int:
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({time.time() - started:.0f} s), "
         f"{REIMAGES} reimages, kube-apiserver {version}, etcd {etcd}, refresh_hint "
         f"{REFRESH_HINT}, nproc {os.cpu_count()}, load average (start; end) "
-        f"{load_start}; {load()}, python {platform.python_version()}.",
+        f"{load_start}; {benchdoc.load_average()}, python {platform.python_version()}.",
         "",
         "| seconds | reimages | p50 | p99 | min | max |",
         "|---|---|---|---|---|---|",
@@ -171,7 +159,12 @@ def main() -> int:
     ]
     table = "\n".join(lines) + "\n"
     print(table)
-    write_doc(table)
+    benchdoc.write_section(
+        BEGIN,
+        END,
+        f"{BEGIN}\n\n{table}\n{END}",
+        "End to end in restart-free mode (`bench/signer_e2e.py`)",
+    )
     assert first_rejected == 0
     return 0
 
