@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import jwt
 import yaml
@@ -1001,20 +1001,28 @@ def overlaps(restarts: list[Restart]) -> list[tuple[Restart, Restart]]:
     return found
 
 
-class AcceptanceWatch:
-    """In the background, review one token on several apiservers until each accepts it:
-    the moment each first did (the new-key window's end)."""
+class ReviewWatch:
+    """In the background, review one token on several apiservers until each gives the
+    answer wanted (``authenticated`` or not): the moment each first did, and how many
+    other answers each gave before. ``observe(plane)`` runs on every plane every round."""
 
-    def __init__(self, token: Token, planes: list[ControlPlane], interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        token: Token,
+        planes: list[ControlPlane],
+        interval: float = 0.1,
+        authenticated: bool = True,
+    ) -> None:
         self.token = token
-        self.accepted: dict[str, float] = {}
-        self.rejections: dict[str, int] = {p.short: 0 for p in planes}
-        self._planes = planes
+        self.planes = planes
+        self.answered: dict[str, float] = {}
+        self.other_answers: dict[str, int] = {p.short: 0 for p in planes}
+        self._authenticated = authenticated
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> AcceptanceWatch:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -1022,37 +1030,55 @@ class AcceptanceWatch:
         self._stop.set()
         self._thread.join(30)
 
+    def observe(self, plane: ControlPlane) -> None:
+        """Called for each plane on every round (nothing here)."""
+
     def _run(self) -> None:
-        apis = {p.short: p.new_api() for p in self._planes}
+        apis = {p.short: p.new_api() for p in self.planes}
         try:
-            while not self._stop.is_set() and len(self.accepted) < len(apis):
-                for short, api in apis.items():
-                    if short in self.accepted:
+            while not self._stop.is_set() and len(self.answered) < len(apis):
+                for plane in self.planes:
+                    self.observe(plane)
+                    if plane.short in self.answered:
                         continue
                     try:
-                        review = api.review(self.token.value)
+                        review = apis[plane.short].review(self.token.value)
                     except (kube.Unavailable, kube.ApiError):
                         continue
-                    if review.authenticated:
-                        self.accepted[short] = time.time()
+                    if review.authenticated == self._authenticated:
+                        self.answered[plane.short] = time.time()
                     else:
-                        self.rejections[short] += 1
+                        self.other_answers[plane.short] += 1
                 self._stop.wait(self._interval)
         finally:
             for api in apis.values():
                 api.close()
 
     def wait(self, timeout: float) -> bool:
+        """Whether every plane gave the answer wanted within ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.accepted) == len(self._planes):
+            if len(self.answered) == len(self.planes):
                 return True
             time.sleep(0.05)
         return False
 
+
+class AcceptanceWatch(ReviewWatch):
+    """Review one token on several apiservers until each accepts it: the moment each
+    first did (the new-key window's end)."""
+
+    @property
+    def accepted(self) -> dict[str, float]:
+        return self.answered
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        return self.other_answers
+
     @property
     def window(self) -> float | None:
-        if len(self.accepted) < len(self._planes):
+        if len(self.accepted) < len(self.planes):
             return None
         return max(self.accepted.values()) - self.token.issued
 

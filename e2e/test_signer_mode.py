@@ -23,7 +23,6 @@ wall-clock time except generous bounds that only catch "never".
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +31,15 @@ import pytest
 
 import binaries
 import kube
-from harness import ISSUER, NAMESPACE, SERVICE_ACCOUNT, Cluster, ControlPlane, Token
+from harness import (
+    ISSUER,
+    NAMESPACE,
+    SERVICE_ACCOUNT,
+    Cluster,
+    ControlPlane,
+    ReviewWatch,
+    Token,
+)
 from scenario import Board, Continuous, Scenario, truthful_status
 
 WAIT = "5m"
@@ -168,58 +175,23 @@ def ensure_signer_mode(cluster: Cluster) -> None:
         migrate_to_signer(cluster, None, None)
 
 
-class RejectionWatch:
-    """In the background, review ``token`` on every plane until each rejects it; and
-    note when each plane's signer first logged a served set without ``kid`` (the
-    revocation landing on that host)."""
+class RejectionWatch(ReviewWatch):
+    """Review ``token`` on every plane until each rejects it; and note when each plane's
+    signer first logged a served set without its kid (the revocation landing there)."""
 
     def __init__(self, token: Token, planes: list[ControlPlane], interval: float = 0.2):
-        self.token = token
-        self.planes = planes
-        self.rejected: dict[str, float] = {}
+        super().__init__(token, planes, interval, authenticated=False)
         self.landed: dict[str, float] = {}
         self.offsets = {p.short: len(p.signer_output()) for p in planes}
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RejectionWatch:
-        self._thread.start()
-        return self
+    @property
+    def rejected(self) -> dict[str, float]:
+        return self.answered
 
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        apis = {p.short: p.new_api() for p in self.planes}
-        try:
-            while not self._stop.is_set() and len(self.rejected) < len(apis):
-                for plane in self.planes:
-                    short = plane.short
-                    landed = serves(plane, self.token.kid, self.offsets[short]) is False
-                    if short not in self.landed and landed:
-                        self.landed[short] = time.time()
-                    if short in self.rejected:
-                        continue
-                    try:
-                        review = apis[short].review(self.token.value)
-                    except (kube.Unavailable, kube.ApiError):
-                        continue
-                    if not review.authenticated:
-                        self.rejected[short] = time.time()
-                self._stop.wait(self._interval)
-        finally:
-            for api in apis.values():
-                api.close()
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.rejected) == len(self.planes):
-                return True
-            time.sleep(0.05)
-        return False
+    def observe(self, plane: ControlPlane) -> None:
+        short = plane.short
+        if short not in self.landed and serves(plane, self.token.kid, self.offsets[short]) is False:
+            self.landed[short] = time.time()
 
 
 def reloads(s: Scenario) -> list[Any]:

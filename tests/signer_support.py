@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from sakeystate import externaljwt
 
 from support import kid, make_cert
-from watch_support import SAKEYSTATE, wait_for
+from watch_support import WatchProcess, wait_for
 
 HOST = "ctrl1001.example.org"
 PEER = "ctrl1002.example.org"
@@ -89,23 +86,10 @@ def signer_host(tmp: Path, sockets: Path, key: Any, host: str = HOST) -> SignerH
     return SignerHost(key, key_file, cert_file, sockets / "signer.sock")
 
 
-class SignerProcess:
+class SignerProcess(WatchProcess):
     """``sakeystate signer`` as a separate process, its stderr in a file."""
 
-    def __init__(self, state: Path, host: str, log: Path, *args: str) -> None:
-        self.log = log
-        self._stderr = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [SAKEYSTATE, "signer", "--state", str(state), "--host", host, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    COMMAND = "signer"
 
     def passes(self) -> int:
         return self.output.count("sakeystate watch: pass ")
@@ -116,18 +100,6 @@ class SignerProcess:
 
     def exited(self) -> bool:
         return self.proc.poll() is not None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
-        self._stderr.close()
-        return code
 
 
 class Client:

@@ -81,13 +81,16 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) ->
 
 
 class WatchProcess:
-    """``sakeystate watch`` as a separate process, its stderr in a file."""
+    """``sakeystate watch`` (or another long-running ``COMMAND``) as a separate process,
+    its stderr in a file."""
+
+    COMMAND = "watch"
 
     def __init__(self, state: Path, host: str, log: Path, *args: str) -> None:
         self.log = log
         self._stderr = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [SAKEYSTATE, "watch", "--state", str(state), "--host", host, *args],
+            [SAKEYSTATE, self.COMMAND, "--state", str(state), "--host", host, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
